@@ -1,0 +1,55 @@
+"""Loss conventions shared by training and the limit solver (mf-theory.md §1.3, §E.3 item 15).
+
+* ``"mse"``:       mean over the batch of ``sum_k (yhat_k - y_k)^2``;
+* ``"half_mse"``:  half of it, ``1/2 |yhat - y|^2`` (Sirignano–Spiliopoulos, Araújo et al. and the
+  theory checks); the factor 1/2 halves the speed of the limit's clock relative to ``"mse"``;
+* ``"cross_entropy"``: softmax cross-entropy on logits with integer class targets.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch.nn.functional as F
+from torch import Tensor
+
+LossName = Literal["mse", "half_mse", "cross_entropy"]
+LOSSES: tuple[str, ...] = get_args(LossName)
+
+
+def check_loss_name(loss: str) -> None:
+    """Raise ``ValueError`` naming ``loss`` unless it is a known convention."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown `loss` {loss!r}; choose one of {LOSSES}.")
+
+
+def _regression_target(prediction: Tensor, target: Tensor) -> Tensor:
+    """Give a ``(batch,)`` target the ``(batch, 1)`` shape of a scalar-output prediction."""
+    if target.dim() == prediction.dim() - 1 and prediction.shape[-1] == 1:
+        target = target.unsqueeze(-1)
+    if target.shape != prediction.shape:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match prediction shape "
+            f"{tuple(prediction.shape)}; squared losses need one target per output "
+            "(one-hot targets for several outputs, or loss='cross_entropy' with class indices)."
+        )
+    return target.to(prediction.dtype)
+
+
+def mean_field_loss(loss: LossName, prediction: Tensor, target: Tensor) -> Tensor:
+    """The batch-mean loss under the convention ``loss`` (see the module docstring)."""
+    check_loss_name(loss)
+    if loss == "cross_entropy":
+        return F.cross_entropy(prediction, target)
+    squared = (prediction - _regression_target(prediction, target)).pow(2).sum(-1).mean()
+    return 0.5 * squared if loss == "half_mse" else squared
+
+
+def correct_predictions(loss: LossName, prediction: Tensor, target: Tensor) -> Tensor:
+    """Per-sample 0/1 correctness: argmax for classes, sign agreement for a scalar ±1 regression."""
+    if loss == "cross_entropy":
+        return (prediction.argmax(-1) == target).float()
+    target = _regression_target(prediction, target)
+    if prediction.shape[-1] == 1:
+        return ((prediction > 0) == (target > 0)).float().squeeze(-1)
+    return (prediction.argmax(-1) == target.argmax(-1)).float()

@@ -1,0 +1,192 @@
+"""``MeanFieldModule``: a LightningModule that trains any mean-field network with the §1.2 rules.
+
+Physical time (mf-theory.md §1.1): after k optimizer steps the network is compared with its limit
+at ``mf_time = k * eps``, with ``eps`` the canonical step of the preset (``lr`` for Nguyen–Pham).
+Every logged curve carries ``mf_time`` so runs at different widths, lrs and batch sizes line up.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics import MeanMetric
+
+from mflightning.config import build
+from mflightning.diagnostics import warn_trivial_limits
+from mflightning.losses import LossName, check_loss_name, correct_predictions, mean_field_loss
+from mflightning.scaling import PresetName, Rule, get_preset, param_groups
+
+OptimizerCallable = Callable[[Iterable[Any]], Optimizer]
+SchedulerCallable = Callable[[Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+ADAPTIVE_OPTIMIZERS = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+    torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta,
+)  # fmt: skip
+REFUSED_PRECISIONS = ("bf16-true", "16-true")
+
+
+class LimitChangingOptimizerWarning(UserWarning):
+    """The optimizer settings leave the theory of plain SGD (§E.3 item 12): the limit changes."""
+
+
+def _check_optimizer(optimizer: Optimizer, rule: Rule) -> None:
+    """Refuse rule mismatches; warn when momentum, weight decay or Adam change the limit."""
+    adaptive = isinstance(optimizer, ADAPTIVE_OPTIMIZERS)
+    name = type(optimizer).__name__
+    if adaptive and rule == "sgd":
+        raise ValueError(
+            f"`optimizer` {name} is adaptive but `rule` is 'sgd', which multiplies its lr by "
+            "n_in*n_out; set rule='adam' (lr unchanged, eps divided by the multiplier)."
+        )
+    if not adaptive and rule == "adam":
+        raise ValueError(f"`rule` is 'adam' but `optimizer` is {name}; use rule='sgd'.")
+    group = optimizer.param_groups[0]
+    changes = [k for k in ("momentum", "weight_decay") if group.get(k, 0)]
+    if adaptive or changes:
+        warnings.warn(
+            f"{name}{' with ' + ', '.join(changes) if changes else ''} trains towards a different "
+            "limit than the plain-SGD mean-field limit of the theory (§E.3 item 12).",
+            LimitChangingOptimizerWarning,
+            stacklevel=3,
+        )
+
+
+class MeanFieldModule(LightningModule):
+    """Trains a mean-field network with per-layer lr multipliers and logs against ``mf_time``.
+
+    Args:
+        network: a module built from mean-field layers, or the plain-data config that
+            ``network.to_config()`` returns (used when a checkpoint rebuilds the module).
+        lr: base learning rate ``eps`` (alpha for the Sirignano–Spiliopoulos preset).
+        loss: ``"mse"``, ``"half_mse"`` (the 1/2 convention) or ``"cross_entropy"``.
+        optimizer: callable that takes the param groups, e.g. ``torch.optim.SGD`` or, from a
+            LightningCLI config, ``model.init_args.optimizer``.
+        scheduler: optional callable ``optimizer -> LRScheduler``, stepped every optimizer step;
+            use multiplicative schedules (LambdaLR, CosineAnnealingLR...) so the group multipliers
+            survive.
+        rule: ``"sgd"`` or ``"adam"`` (see :func:`mflightning.param_groups`).
+        preset: ``"nguyen_pham"``, ``"sirignano_spiliopoulos"`` or ``"araujo_oliveira_yukimura"``.
+
+    Example::
+
+        net = MeanFieldMLP(in_features=10, widths=[256, 256])
+        module = MeanFieldModule(net, lr=0.1, loss="half_mse")
+        Trainer(max_steps=100).fit(module, datamodule)
+    """
+
+    def __init__(
+        self,
+        network: nn.Module | dict[str, Any],
+        lr: float = 0.1,
+        loss: LossName = "mse",
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        scheduler: SchedulerCallable | None = None,
+        rule: Rule = "sgd",
+        preset: PresetName = "nguyen_pham",
+    ) -> None:
+        super().__init__()
+        if isinstance(network, dict):
+            network = build(network)
+        if not isinstance(network, nn.Module):
+            raise ValueError(f"`network` must be a torch.nn.Module, got {type(network).__name__}.")
+        check_loss_name(loss)
+        if not callable(optimizer):
+            raise ValueError(
+                f"`optimizer` must be a callable such as torch.optim.SGD, got {optimizer!r}."
+            )
+        self.network = network
+        self.lr = lr
+        self.loss_name: LossName = loss
+        self.rule: Rule = rule
+        self.preset: PresetName = preset
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        # validates lr, rule and preset now rather than at fit time
+        param_groups(network, lr, rule=rule, preset=preset)
+        self.time_step = get_preset(preset).time_step(network, lr)
+        warn_trivial_limits(network)
+        hparams: dict[str, Any] = {"lr": lr, "loss": loss, "rule": rule, "preset": preset}
+        if hasattr(network, "to_config"):
+            hparams["network"] = network.to_config()
+        self.save_hyperparameters(hparams)
+        self.train_accuracy = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_accuracy = MeanMetric()
+
+    @property
+    def mf_time(self) -> float:
+        """Physical time ``t = global_step * eps`` (§1.1)."""
+        return self.global_step * self.time_step
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The network's output."""
+        return self.network(x)
+
+    def setup(self, stage: str) -> None:
+        """Refuse precisions and CLI optimizer overrides that break mean-field training."""
+        precision = str(self.trainer.precision)
+        if precision in REFUSED_PRECISIONS:
+            raise ValueError(
+                f"Trainer(precision={precision!r}) stores the weights in 16 bits, which rounds "
+                "away O(lr) mean-field updates of O(1) weights and underflows O(1/n^2) gradients "
+                "(§E.2); use precision='32-true' (or '64-true'), or 'bf16-mixed' for speed."
+            )
+        if "configure_optimizers" in vars(self):
+            raise ValueError(
+                "a LightningCLI `optimizer:`/`lr_scheduler:` entry replaced configure_optimizers "
+                "and would train model.parameters() without the mean-field lr multipliers. Move it "
+                "under the model: `model: {init_args: {optimizer: {class_path: torch.optim.SGD}}}` "
+                "(and `scheduler:` likewise), or use `mfl`, which refuses it up front."
+            )
+
+    def configure_optimizers(self) -> Any:
+        """Build the optimizer from :func:`mflightning.param_groups` and log the group table."""
+        groups = param_groups(self.network, self.lr, rule=self.rule, preset=self.preset)
+        optimizer = self.optimizer_factory(groups)
+        _check_optimizer(optimizer, self.rule)
+        table = "\n".join(
+            f"  {g['name']:<32} lr={g['lr']:<12.6g} multiplier={g['lr_multiplier']:g}"
+            for g in optimizer.param_groups
+        )
+        rank_zero_info(
+            f"mean-field param groups (preset {self.preset}, rule {self.rule}):\n{table}"
+        )
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        prediction = self.network(x)
+        loss = mean_field_loss(self.loss_name, prediction, y)
+        return loss, correct_predictions(self.loss_name, prediction.detach(), y)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """One step on ``(x, y)``; logs ``train/loss``, ``train/accuracy`` and ``mf_time``."""
+        loss, correct = self._shared_step(batch)
+        self.train_accuracy(correct)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", self.train_accuracy, on_step=True, on_epoch=True)
+        self.log("mf_time", self.mf_time)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Accumulates ``val/loss`` and ``val/accuracy`` over the validation set."""
+        loss, correct = self._shared_step(batch)
+        self.val_loss(loss, weight=len(correct))
+        self.val_accuracy(correct)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/accuracy", self.val_accuracy)
+        self.log("mf_time", self.mf_time)

@@ -1,0 +1,285 @@
+"""Mean-field layers: ``torch.nn`` signatures plus a role, a width-independent law and ``frozen``.
+
+The forward pass follows mf-theory.md §1.1: a layer whose inputs are neurons (role ``"hidden"`` or
+``"readout"``) *averages* over them, ``H = (1/n_in) W a + b``; the ``"input"`` layer *sums* over
+the data coordinates, ``H = input_scale * W x + b`` (no ``1/d``, §E.3 item 19). For convolutions
+the neurons are the channels: the average is over input channels, kernel positions are summed
+(§E.3 item 18).
+
+Learning-rate multipliers (§1.2) are derived from the layer itself: a weight's multiplier is the
+number of neurons on each side of it, counting the data input and the output as one,
+
+    lr_multiplier      = (n_in if role != "input" else 1) * (n_out if role != "readout" else 1)
+    bias_lr_multiplier = (n_out if role != "readout" else 1).
+
+All scale factors are plain module attributes; nothing is stored on the Parameters.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.common_types import _size_1_t, _size_2_t
+
+from mflightning.laws import InitLaw, InPlaceInit, Normal, as_law
+
+Role = Literal["input", "hidden", "readout"]
+ROLES: tuple[str, ...] = get_args(Role)
+ZERO = Normal(0.0, 0.0)
+STANDARD_NORMAL = Normal(0.0, 1.0)
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+class MeanFieldLayer(nn.Module):
+    """Mixin holding the mean-field attributes shared by the linear and conv layers.
+
+    Attributes:
+        role: ``"input"`` (data -> neurons), ``"hidden"`` (neurons -> neurons) or ``"readout"``
+            (neurons -> output).
+        fan_in_neurons: ``n_in`` if the input side is neurons, else 1.
+        fan_out_neurons: ``n_out`` if the output side is neurons, else 1.
+        forward_scale: ``1/n_in`` for hidden/readout layers, ``input_scale`` for the input layer.
+        init_law: law of the initial weights; ``bias_init_law``: law of the initial biases.
+        frozen: a frozen layer is a fixed random feature map (Araújo et al., §1.3) and never trains.
+    """
+
+    role: Role
+    fan_in_neurons: int
+    fan_out_neurons: int
+    forward_scale: float
+    init_law: InitLaw
+    bias_init_law: InitLaw
+    frozen: bool
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _configure_mean_field(
+        self,
+        n_in: int,
+        n_out: int,
+        role: Role,
+        init: InitLaw | InPlaceInit,
+        bias_init: InitLaw | InPlaceInit,
+        frozen: bool,
+        input_scale: float,
+        generator: torch.Generator | None,
+    ) -> None:
+        """Validate and set the MF attributes, *before* the torch constructor samples weights."""
+        if role not in ROLES:
+            raise ValueError(f"`role` must be one of {ROLES}, got {role!r}.")
+        if not isinstance(input_scale, (int, float)) or not input_scale > 0:
+            raise ValueError(
+                f"`input_scale` must be a positive number (1.0, or 1/sqrt(d) for the tau/sqrt(d) "
+                f"convention of §E.3 item 19), got {input_scale!r}."
+            )
+        if role != "input" and input_scale != 1.0:
+            raise ValueError(
+                f"`input_scale` only applies to role='input'; got input_scale={input_scale} "
+                f"with role={role!r}. Hidden and readout layers always average (1/n_in)."
+            )
+        self.role = role
+        self.fan_in_neurons = 1 if role == "input" else n_in
+        self.fan_out_neurons = 1 if role == "readout" else n_out
+        # §1.1: 1/n over incoming neurons; the input layer sums over data coordinates.
+        self.forward_scale = float(input_scale) if role == "input" else 1.0 / n_in
+        self.init_law = as_law(init, "init")
+        self.bias_init_law = as_law(bias_init, "bias_init")
+        self.frozen = bool(frozen)
+        # torch's constructor calls reset_parameters() once; it draws with this generator.
+        self._construction_generator = generator
+
+    def _finish_mean_field(self) -> None:
+        """Drop the construction-time generator and freeze the parameters if asked."""
+        del self._construction_generator
+        if self.frozen:
+            self.requires_grad_(False)
+
+    @property
+    def lr_multiplier(self) -> float:
+        """Weight lr multiplier ``n_in * n_out`` with data input / output counted as 1 (§1.2)."""
+        return float(self.fan_in_neurons * self.fan_out_neurons)
+
+    @property
+    def bias_lr_multiplier(self) -> float:
+        """Bias lr multiplier ``n_out`` (1 for the readout), §1.2 and §E.3 item 17."""
+        return float(self.fan_out_neurons)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Redraw the weights from ``init_law`` and the biases from ``bias_init_law``."""
+        if generator is None:
+            generator = self.__dict__.get("_construction_generator")
+        self.init_law.sample_(self.weight, generator)
+        if self.bias is not None:
+            self.bias_init_law.sample_(self.bias, generator)
+
+    def extra_repr(self) -> str:
+        """Torch's description plus role, init law, frozen flag and lr multiplier."""
+        return (
+            f"{super().extra_repr()}, role={self.role!r}, init={self.init_law}, "
+            f"frozen={self.frozen}, lr_multiplier={self.lr_multiplier:g}"
+        )
+
+
+class MeanFieldLinear(MeanFieldLayer, nn.Linear):
+    """Applies a **mean-field** linear map: ``(1/n_in) x W^T + b``, or ``input_scale x W^T + b``.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: learn an additive bias (drawn from ``bias_init``).
+        device: torch device of the parameters.
+        dtype: torch dtype of the parameters.
+        role: ``"input"`` | ``"hidden"`` | ``"readout"`` (see :class:`MeanFieldLayer`).
+        init: width-independent law of the weights, e.g. ``Normal(1.0, 0.5)``.
+        bias_init: law of the biases (default: the constant 0, as NP's degeneracy results assume).
+        frozen: never train this layer (a random-feature layer).
+        input_scale: factor in front of the input layer's sum over data coordinates.
+        generator: random generator for the initial draw.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        role: Role = "hidden",
+        init: InitLaw | InPlaceInit = STANDARD_NORMAL,
+        bias_init: InitLaw | InPlaceInit = ZERO,
+        frozen: bool = False,
+        input_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
+        self._configure_mean_field(
+            in_features, out_features, role, init, bias_init, frozen, input_scale, generator
+        )
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._finish_mean_field()
+
+    def forward(self, input: Tensor) -> Tensor:
+        """``forward_scale * (input @ W^T) + b``: matmul first, then one multiply (§E.2 item 11)."""
+        output = F.linear(input, self.weight) * self.forward_scale
+        return output if self.bias is None else output + self.bias
+
+
+class _MeanFieldConvNd(MeanFieldLayer):
+    """Shared forward of the mean-field convolutions: channels are the neurons (§E.3 item 18)."""
+
+    _spatial_dims: int
+
+    if TYPE_CHECKING:  # provided by the torch conv class that follows in the MRO
+
+        def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
+
+    def forward(self, input: Tensor) -> Tensor:
+        """``forward_scale * conv(input, W) + b``: kernel positions summed, channels averaged."""
+        output = self._conv_forward(input, self.weight, None) * self.forward_scale
+        if self.bias is None:
+            return output
+        return output + self.bias.view(-1, *([1] * self._spatial_dims))
+
+
+def _check_conv_args(in_channels: int, out_channels: int, groups: int) -> None:
+    check_positive_int("in_channels", in_channels)
+    check_positive_int("out_channels", out_channels)
+    if groups != 1:
+        raise ValueError(
+            f"`groups` must be 1 for a mean-field convolution, got {groups}: the 1/C_in average "
+            "and the C_in*C_out lr multiplier of §E.3 item 18 are defined for dense channel mixing."
+        )
+
+
+class MeanFieldConv1d(_MeanFieldConvNd, nn.Conv1d):
+    """Applies a **mean-field** 1-D convolution: ``(1/C_in) conv(x, W) + b``.
+
+    Takes the arguments of :class:`torch.nn.Conv1d` (``groups`` must be 1) plus the keyword-only
+    ``role``, ``init``, ``bias_init``, ``frozen``, ``input_scale`` and ``generator`` of
+    :class:`MeanFieldLinear`. The lr multiplier is ``C_in * C_out`` with data/output counted as 1.
+    """
+
+    _spatial_dims = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_1_t,
+        stride: _size_1_t = 1,
+        padding: _size_1_t | str = 0,
+        dilation: _size_1_t = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        role: Role = "hidden",
+        init: InitLaw | InPlaceInit = STANDARD_NORMAL,
+        bias_init: InitLaw | InPlaceInit = ZERO,
+        frozen: bool = False,
+        input_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_conv_args(in_channels, out_channels, groups)
+        self._configure_mean_field(
+            in_channels, out_channels, role, init, bias_init, frozen, input_scale, generator
+        )
+        nn.Conv1d.__init__(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            bias, padding_mode, device, dtype,
+        )  # fmt: skip
+        self._finish_mean_field()
+
+
+class MeanFieldConv2d(_MeanFieldConvNd, nn.Conv2d):
+    """Applies a **mean-field** 2-D convolution: ``(1/C_in) conv(x, W) + b``.
+
+    Takes the arguments of :class:`torch.nn.Conv2d` (``groups`` must be 1) plus the keyword-only
+    ``role``, ``init``, ``bias_init``, ``frozen``, ``input_scale`` and ``generator`` of
+    :class:`MeanFieldLinear`. The lr multiplier is ``C_in * C_out`` with data/output counted as 1.
+    """
+
+    _spatial_dims = 2
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2_t,
+        stride: _size_2_t = 1,
+        padding: _size_2_t | str = 0,
+        dilation: _size_2_t = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        role: Role = "hidden",
+        init: InitLaw | InPlaceInit = STANDARD_NORMAL,
+        bias_init: InitLaw | InPlaceInit = ZERO,
+        frozen: bool = False,
+        input_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_conv_args(in_channels, out_channels, groups)
+        self._configure_mean_field(
+            in_channels, out_channels, role, init, bias_init, frozen, input_scale, generator
+        )
+        nn.Conv2d.__init__(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            bias, padding_mode, device, dtype,
+        )  # fmt: skip
+        self._finish_mean_field()
