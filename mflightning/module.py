@@ -114,8 +114,9 @@ class MeanFieldModule(LightningModule):
         self.time_step = get_preset(preset).time_step(network, lr)
         warn_trivial_limits(network)
         hparams: dict[str, Any] = {"lr": lr, "loss": loss, "rule": rule, "preset": preset}
-        if hasattr(network, "to_config"):
-            hparams["network"] = network.to_config()
+        to_config = getattr(network, "to_config", None)
+        if callable(to_config):  # plain data, so checkpoints rebuild the network safely
+            hparams["network"] = to_config()
         self.save_hyperparameters(hparams)
         self.train_accuracy = MeanMetric()
         self.val_loss = MeanMetric()

@@ -58,8 +58,8 @@ class MeanFieldLayer(nn.Module):
     init_law: InitLaw
     bias_init_law: InitLaw
     frozen: bool
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: Tensor
+    bias: Tensor | None
 
     def _configure_mean_field(
         self,
@@ -128,7 +128,7 @@ class MeanFieldLayer(nn.Module):
         )
 
 
-class MeanFieldLinear(MeanFieldLayer, nn.Linear):
+class MeanFieldLinear(MeanFieldLayer, nn.Linear):  # type: ignore[misc]  # torch infers bias: Parameter
     """Applies a **mean-field** linear map: ``(1/n_in) x W^T + b``, or ``input_scale x W^T + b``.
 
     Args:

@@ -1,4 +1,4 @@
-"""`mfl fit` runs the demo recipe end to end; its checkpoint reloads; bypassing optimizers is refused."""
+"""`mfl fit` runs the demo recipe end to end, its checkpoint reloads; CLI optimizers are refused."""
 
 from __future__ import annotations
 
@@ -19,11 +19,16 @@ DEMO = str(RECIPES / "demo_gaussians.yaml")
 
 def _fit_args(tmp_path: Path, *extra: str) -> list[str]:
     return [
-        "fit", "--config", DEMO, "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+        "fit",
+        "--config",
+        DEMO,
+        "--trainer.max_steps=3",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
         "--trainer.check_val_every_n_epoch=1",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def test_mfl_fit_runs_the_demo_recipe_and_its_checkpoint_reloads(tmp_path: Path) -> None:
@@ -38,7 +43,9 @@ def test_mfl_fit_runs_the_demo_recipe_and_its_checkpoint_reloads(tmp_path: Path)
     assert list(tmp_path.glob("**/metrics.csv")), "the CSV logger wrote no metrics"
 
 
-def test_top_level_optimizer_entry_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_top_level_optimizer_entry_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     with pytest.raises(SystemExit):
         main(_fit_args(tmp_path, "--optimizer=torch.optim.Adam"))
     assert "without the mean-field lr multipliers" in capsys.readouterr().err

@@ -35,8 +35,14 @@ def test_forward_composes_the_layers_with_the_activations() -> None:
 
 
 def test_with_widths_keeps_the_architecture() -> None:
-    net = MeanFieldMLP(5, [16, 16], activations=["relu", "tanh", "identity"], init=LAWS,
-                       bias=True, frozen=("input",))  # fmt: skip
+    net = MeanFieldMLP(
+        5,
+        [16, 16],
+        activations=["relu", "tanh", "identity"],
+        init=LAWS,
+        bias=True,
+        frozen=("input",),
+    )
     wide = net.with_widths([128, 64])
     assert wide.widths == [128, 64]
     assert wide.activation_names == net.activation_names
@@ -45,8 +51,14 @@ def test_with_widths_keeps_the_architecture() -> None:
 
 
 def test_config_round_trip_rebuilds_the_same_architecture() -> None:
-    net = MeanFieldMLP(5, [12, 7], out_features=2, activations="tanh",
-                       init=[Uniform(-1, 1), Normal(1, 0.5), Normal(0, 2)], frozen=("readout",))  # fmt: skip
+    net = MeanFieldMLP(
+        5,
+        [12, 7],
+        out_features=2,
+        activations="tanh",
+        init=[Uniform(-1, 1), Normal(1, 0.5), Normal(0, 2)],
+        frozen=("readout",),
+    )
     rebuilt = build(net.to_config())
     assert rebuilt.to_config() == net.to_config()
     assert [m.lr_multiplier for m in rebuilt.layers] == [m.lr_multiplier for m in net.layers]
@@ -69,8 +81,13 @@ def test_preactivation_statistics_are_width_independent_at_init() -> None:
     for n in widths:
         per_seed, spreads = [], []
         for seed in range(8):
-            net = MeanFieldMLP(10, [n, n], activations=["relu", "tanh", "identity"], init=LAWS,
-                               generator=torch.Generator().manual_seed(seed))  # fmt: skip
+            net = MeanFieldMLP(
+                10,
+                [n, n],
+                activations=["relu", "tanh", "identity"],
+                init=LAWS,
+                generator=torch.Generator().manual_seed(seed),
+            )
             h = net.hidden_preactivations(x)
             per_seed.append([[hi.mean().item(), hi.std(dim=0).mean().item()] for hi in h])
             spreads.append(h[1].std(dim=1).mean().item())

@@ -18,10 +18,16 @@ from mflightning.module import LimitChangingOptimizerWarning
 
 def _trainer(tmp_path: Path, **kwargs) -> Trainer:
     defaults = dict(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=6,
-        logger=CSVLogger(tmp_path), log_every_n_steps=1, enable_progress_bar=False,
-        enable_model_summary=False, check_val_every_n_epoch=3,
-    )  # fmt: skip
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_steps=6,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        check_val_every_n_epoch=3,
+    )
     return Trainer(**(defaults | kwargs))
 
 
@@ -73,7 +79,9 @@ def test_frozen_layers_never_change(tmp_path: Path) -> None:
 def test_cross_entropy_with_several_classes(tmp_path: Path) -> None:
     net = MeanFieldMLP(10, [16, 16], out_features=2)
     module = MeanFieldModule(net, lr=0.1, loss="cross_entropy")
-    _trainer(tmp_path, max_steps=2).fit(module, IsotropicGaussians(n_train=32, n_val=8, target="class"))
+    _trainer(tmp_path, max_steps=2).fit(
+        module, IsotropicGaussians(n_train=32, n_val=8, target="class")
+    )
     assert any(r.get("train/accuracy_step") for r in _read_metrics(tmp_path))
 
 
@@ -88,7 +96,7 @@ def test_optimizer_override_that_bypasses_the_groups_is_refused(tmp_path: Path) 
     module = MeanFieldModule(_net(), lr=0.1)
     # what LightningCLI's automatic optimizer does with a top-level `optimizer:` entry
     module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="model: {init_args: {optimizer"):
+    with pytest.raises(ValueError, match=r"model: \{init_args: \{optimizer"):
         _trainer(tmp_path).fit(module, IsotropicGaussians(n_train=16, n_val=8))
 
 
@@ -134,9 +142,15 @@ def test_checkpoint_rebuilds_the_model_without_rescaling(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("kwargs", "argument"),
-    [({"loss": "l1"}, "loss"), ({"lr": 0}, "lr"), ({"rule": "lion"}, "rule"),
-     ({"preset": "ntk"}, "preset"), ({"network": "mlp"}, "network"), ({"optimizer": 3}, "optimizer")],
-)  # fmt: skip
+    [
+        ({"loss": "l1"}, "loss"),
+        ({"lr": 0}, "lr"),
+        ({"rule": "lion"}, "rule"),
+        ({"preset": "ntk"}, "preset"),
+        ({"network": "mlp"}, "network"),
+        ({"optimizer": 3}, "optimizer"),
+    ],
+)
 def test_bad_module_arguments(kwargs: dict, argument: str) -> None:
     args = {"network": _net()} | kwargs
     with pytest.raises(ValueError, match=f"`{argument}`"):

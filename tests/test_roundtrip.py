@@ -15,15 +15,24 @@ from mflightning import MeanFieldConv2d, MeanFieldLinear, MeanFieldMLP, Normal, 
 
 
 def _mlp() -> nn.Module:
-    return MeanFieldMLP(6, [16, 8], bias=True, frozen=("input",),
-                        init=[Normal(0, 1), Normal(1, 0.5), Normal(0.5, 1)])  # fmt: skip
+    return MeanFieldMLP(
+        6,
+        [16, 8],
+        bias=True,
+        frozen=("input",),
+        init=[Normal(0, 1), Normal(1, 0.5), Normal(0.5, 1)],
+    )
 
 
 def _conv_net() -> nn.Module:
     return nn.Sequential(
-        MeanFieldConv2d(3, 8, 3, role="input"), nn.ReLU(), MeanFieldConv2d(8, 8, 3), nn.Tanh(),
-        nn.Flatten(), MeanFieldLinear(8 * 4 * 4, 1, role="readout"),
-    )  # fmt: skip
+        MeanFieldConv2d(3, 8, 3, role="input"),
+        nn.ReLU(),
+        MeanFieldConv2d(8, 8, 3),
+        nn.Tanh(),
+        nn.Flatten(),
+        MeanFieldLinear(8 * 4 * 4, 1, role="readout"),
+    )
 
 
 CASES: list[tuple[Callable[[], nn.Module], tuple[int, ...]]] = [

@@ -19,8 +19,14 @@ def test_sgd_groups_are_named_and_multiply_the_lr() -> None:
     net = MeanFieldMLP(10, [64, 32], bias=True)
     groups = param_groups(net, lr=0.1)
     names = [g["name"] for g in groups]
-    assert names == ["mf/layer1", "mf/layer1/bias", "mf/layer2", "mf/layer2/bias",
-                     "mf/layer3", "mf/layer3/bias"]  # fmt: skip
+    assert names == [
+        "mf/layer1",
+        "mf/layer1/bias",
+        "mf/layer2",
+        "mf/layer2/bias",
+        "mf/layer3",
+        "mf/layer3/bias",
+    ]
     expected = [64, 64, 64 * 32, 32, 32, 1]
     assert [g["lr_multiplier"] for g in groups] == expected
     np.testing.assert_allclose([g["lr"] for g in groups], [0.1 * m for m in expected])
@@ -39,8 +45,9 @@ def test_frozen_parameters_are_left_out() -> None:
 
 
 def test_non_mean_field_parameters_get_their_own_group_with_a_warning() -> None:
-    model = nn.Sequential(MeanFieldLinear(4, 8, role="input"), nn.LayerNorm(8),
-                          MeanFieldLinear(8, 1, role="readout"))  # fmt: skip
+    model = nn.Sequential(
+        MeanFieldLinear(4, 8, role="input"), nn.LayerNorm(8), MeanFieldLinear(8, 1, role="readout")
+    )
     with pytest.warns(NonMeanFieldParameterWarning, match="1.weight"):
         groups = param_groups(model, lr=0.5)
     other = groups[-1]
@@ -88,9 +95,14 @@ def test_sirignano_spiliopoulos_preset_reproduces_their_raw_multipliers() -> Non
 
 @pytest.mark.parametrize(
     ("kwargs", "argument"),
-    [({"rule": "lamb"}, "rule"), ({"preset": "mup"}, "preset"), ({"lr": 0.0}, "lr"),
-     ({"lr": -1.0}, "lr"), ({"rule": "adam", "eps": 0.0}, "eps")],
-)  # fmt: skip
+    [
+        ({"rule": "lamb"}, "rule"),
+        ({"preset": "mup"}, "preset"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": -1.0}, "lr"),
+        ({"rule": "adam", "eps": 0.0}, "eps"),
+    ],
+)
 def test_bad_param_group_arguments(kwargs: dict, argument: str) -> None:
     args = {"lr": 0.1} | kwargs
     with pytest.raises(ValueError, match=f"`{argument}`"):
@@ -106,12 +118,20 @@ def _one_step_rms_updates(net: nn.Module, groups: list[dict], seed: int) -> list
     loss = 0.5 * (net(x) - y).pow(2).sum(-1).mean()
     loss.backward()
     optimizer.step()
-    return [(p.detach() - b).pow(2).mean().sqrt().item() for p, b in zip(net.parameters(), before)]
+    return [
+        (p.detach() - b).pow(2).mean().sqrt().item()
+        for p, b in zip(net.parameters(), before, strict=True)
+    ]
 
 
 def _standard_mlp(n: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(10, n, bias=False), nn.ReLU(), nn.Linear(n, n, bias=False),
-                         nn.Tanh(), nn.Linear(n, 1, bias=False))  # fmt: skip
+    return nn.Sequential(
+        nn.Linear(10, n, bias=False),
+        nn.ReLU(),
+        nn.Linear(n, n, bias=False),
+        nn.Tanh(),
+        nn.Linear(n, 1, bias=False),
+    )
 
 
 WIDTHS = (64, 256, 1024)
@@ -128,8 +148,13 @@ def test_mean_field_coord_check_one_sgd_step_is_width_independent() -> None:
     for n in WIDTHS:
         runs = []
         for seed in range(4):
-            net = MeanFieldMLP(10, [n, n], activations=["relu", "tanh", "identity"], init=LAWS,
-                               generator=torch.Generator().manual_seed(seed))  # fmt: skip
+            net = MeanFieldMLP(
+                10,
+                [n, n],
+                activations=["relu", "tanh", "identity"],
+                init=LAWS,
+                generator=torch.Generator().manual_seed(seed),
+            )
             runs.append(_one_step_rms_updates(net, param_groups(net, lr=0.1), seed))
         rms[n] = np.mean(runs, axis=0)
     table = np.array([rms[n] for n in WIDTHS])  # (width, layer)
@@ -140,14 +165,16 @@ def test_mean_field_coord_check_one_sgd_step_is_width_independent() -> None:
 
 @pytest.mark.usefixtures("float64_default")
 def test_standard_parametrization_fails_the_coord_check() -> None:
-    """nn.Linear + PyTorch default init + one lr: updates depend on the width (the test can fail)."""
+    """nn.Linear + default init + one lr: updates depend on the width (so the check can fail)."""
     rms = {}
     for n in WIDTHS:
         runs = []
         for seed in range(4):
             torch.manual_seed(seed)
             net = _standard_mlp(n)
-            runs.append(_one_step_rms_updates(net, [{"params": list(net.parameters()), "lr": 0.1}], seed))
+            runs.append(
+                _one_step_rms_updates(net, [{"params": list(net.parameters()), "lr": 0.1}], seed)
+            )
         rms[n] = np.mean(runs, axis=0)
     table = np.array([rms[n] for n in WIDTHS])
     ratio = table.max(axis=0) / table.min(axis=0)
