@@ -1,0 +1,279 @@
+"""The brute-force particle-limit solver S_M of mf-theory.md §B.4.
+
+For the neuronal embedding with M atoms per hidden layer (uniform law on ``{1..M}``, weights an
+iid ``M x M`` array drawn once), the multilayer mean-field limit of §B.2 *is* a width-M network
+trained by population gradient flow with the §1.2 multipliers (Nguyen–Pham, Theorems 20–21). The
+solver integrates that flow by explicit Euler with step ``h = lr``:
+
+    w_i(k+1) = w_i(k) - h * E_Z[Grad_i(Z, .)],     t_k = k * h,
+
+with ``Grad_i = n_{i-1} n_i dLoss/dw_i`` the normalized gradients of §1.1 and the expectation over
+the population (one fixed batch) or over the minibatch fed at step k ("SGD-coupled" solver, §B.4).
+One Euler step is therefore literally one full-batch SGD step of the width-M network with the
+param groups of :func:`mflightning.param_groups` (``rule="sgd"``); frozen layers stay fixed.
+Its error against the true limit is O(M^{-1/2}) + O(h) (§B.4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mflightning.limit.coupling import Coupling, Method, couple
+from mflightning.losses import LossName, check_loss_name, mean_field_loss
+from mflightning.mlp import MeanFieldMLP
+from mflightning.scaling import mean_field_layers, param_groups, time_step
+
+Batch = tuple[Tensor, Tensor]
+
+
+@contextlib.contextmanager
+def tf32_allowed(enabled: bool) -> Iterator[None]:
+    """Set TF32 for CUDA matmuls and cuDNN to ``enabled`` inside the block (§E.2 item 10).
+
+    The previous flags are restored on exit.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    previous = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32 = cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = previous
+
+
+def _check_network(network: object) -> nn.Module:
+    if not isinstance(network, nn.Module) or not mean_field_layers(network):
+        raise ValueError(
+            "`network` must be a torch module built from mean-field layers (a MeanFieldMLP, or an "
+            f"nn.Sequential of MeanFieldLinear/MeanFieldConv layers and activations), got "
+            f"{type(network).__name__}."
+        )
+    mf_params = {id(p) for _, layer in mean_field_layers(network) for p in layer.parameters()}
+    foreign = [n for n, p in network.named_parameters() if id(p) not in mf_params]
+    if foreign:
+        raise ValueError(
+            f"`network` has parameters outside mean-field layers {foreign[:5]}: their limit is "
+            "undefined (no §1.2 multiplier). Use only MeanField* layers and parameter-free modules."
+        )
+    return network
+
+
+class ParticleLimitSolver:
+    """Brute-force particle solver of the mean-field limit (mf-theory.md §B.4, equations §B.2).
+
+    The given width-M network is deep-copied into ``dtype``/``device``: its neurons are the M
+    particles (atoms) of the neuronal embedding. Each :meth:`step` is one explicit-Euler step
+    ``w <- w - lr * Grad`` of the population gradient flow, i.e. one full-batch SGD step with the
+    §1.2 multipliers; physical time advances by ``lr`` (§1.1).
+
+    Supported networks: any module whose parameters all live in mean-field layers — a
+    :class:`~mflightning.MeanFieldMLP` (stepping and coupling, :meth:`couple`) or an
+    ``nn.Sequential`` of mean-field linear/conv layers and parameter-free activations (stepping
+    only; coupling needs ``MeanFieldMLP.with_widths``).
+
+    Args:
+        network: the width-M mean-field network holding the initial particles (not modified).
+        lr: Euler step ``h = eps`` (> 0); the solver time after k steps is ``k * lr``.
+        loss: loss convention of :func:`mflightning.losses.mean_field_loss`
+            (``"mse"``, ``"half_mse"`` or ``"cross_entropy"``).
+        dtype: floating dtype of the particles (float64 by default, §E.2).
+        device: device of the particles (default: that of ``network``).
+        allow_tf32: allow TF32 matmuls during steps and evaluations (off by default, §E.2 item 10).
+
+    Raises:
+        ValueError: a bad ``network``, ``lr``, ``loss`` or ``dtype``.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        lr: float,
+        loss: LossName = "mse",
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        allow_tf32: bool = False,
+    ) -> None:
+        _check_network(network)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"`lr` must be a positive number (the Euler step h), got {lr!r}.")
+        check_loss_name(loss)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(
+                f"`dtype` must be a floating torch dtype such as torch.float64, got {dtype!r}."
+            )
+        self.lr = float(lr)
+        self.loss: LossName = loss
+        self.dtype = dtype
+        self.allow_tf32 = bool(allow_tf32)
+        self._network = copy.deepcopy(network).to(device=device, dtype=dtype)
+        self.device = next(self._network.parameters()).device
+        # plain SGD is stateless, so (particles, step count) is the whole solver state
+        self._optimizer = torch.optim.SGD(param_groups(self._network, self.lr, rule="sgd"))
+        self._time_step = time_step(self._network, self.lr)
+        self._steps = 0
+
+    @property
+    def network(self) -> nn.Module:
+        """The particles: the width-M network at the current solver time."""
+        return self._network
+
+    @property
+    def steps(self) -> int:
+        """Number of Euler steps taken."""
+        return self._steps
+
+    @property
+    def time(self) -> float:
+        """Physical time ``t = steps * lr`` (§1.1)."""
+        return self._steps * self._time_step
+
+    def _prepare(self, x: Tensor, y: Tensor) -> Batch:
+        """Validate a batch and move it to the solver's device/dtype."""
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+            raise ValueError(
+                "`x` must be a floating tensor of shape (batch, features...), got "
+                f"{type(x).__name__ if not isinstance(x, Tensor) else tuple(x.shape)}."
+            )
+        if not isinstance(y, Tensor) or y.dim() < 1 or y.shape[0] != x.shape[0]:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(
+                f"`y` must be a tensor with one target per row of `x` (batch {x.shape[0]}), "
+                f"got {shape}."
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError("`x` contains NaN or infinite values; clean the inputs.")
+        if y.is_floating_point() and not torch.isfinite(y).all():
+            raise ValueError("`y` contains NaN or infinite values; clean the targets.")
+        x = x.to(device=self.device, dtype=self.dtype)
+        y = y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device)
+        return x, y
+
+    def _euler_step(self, x: Tensor, y: Tensor) -> float:
+        """One SGD step on a prepared batch; returns the loss before the update."""
+        with tf32_allowed(self.allow_tf32):
+            self._optimizer.zero_grad(set_to_none=True)
+            loss = mean_field_loss(self.loss, self._network(x), y)
+            loss.backward()
+            self._optimizer.step()
+        self._steps += 1
+        return loss.item()
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        """One Euler step of the population gradient flow on the batch ``(x, y)`` (§B.4).
+
+        ``w_i <- w_i - lr * mean_z Grad_i(z)`` for every trainable layer, i.e. one full-batch SGD
+        step with ``param_groups(network, lr, rule="sgd")``.
+
+        Args:
+            x: inputs ``(batch, ...)``; converted to the solver's dtype and device.
+            y: targets, one per row of ``x``.
+
+        Returns:
+            The loss at the particles *before* the update.
+
+        Raises:
+            ValueError: mismatched shapes or non-finite values.
+        """
+        return self._euler_step(*self._prepare(x, y))
+
+    def run(
+        self, data: Batch | Iterable[Sequence[Tensor]], steps: int, progress: bool = True
+    ) -> list[float]:
+        """Take ``steps`` Euler steps.
+
+        Args:
+            data: a ``(x, y)`` tuple of tensors — the population, used at every step — or an
+                iterable of ``(x, y)`` batches (e.g. a DataLoader), re-iterated when exhausted, so
+                that the solver sees the same minibatch sequence as a network (§B.4 option b).
+            steps: number of steps (>= 0).
+            progress: show a tqdm progress bar.
+
+        Returns:
+            The loss before each step.
+
+        Raises:
+            ValueError: bad ``steps`` or ``data``.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"`steps` must be a non-negative integer, got {steps!r}.")
+        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+            batches: Iterator[Batch] = itertools.repeat(self._prepare(*data))
+        elif isinstance(data, Iterable):
+            batches = (self._prepare(*batch) for batch in self._cycle(data))
+        else:
+            raise ValueError(
+                "`data` must be an (x, y) tuple of tensors or an iterable of (x, y) batches, got "
+                f"{type(data).__name__}."
+            )
+        losses = []
+        for _ in tqdm(range(steps), desc="particle limit", disable=not progress):
+            losses.append(self._euler_step(*next(batches)))
+        return losses
+
+    @staticmethod
+    def _cycle(data: Iterable[Sequence[Tensor]]) -> Iterator[Sequence[Tensor]]:
+        """Iterate ``data`` forever, calling ``iter`` again per pass (a DataLoader reshuffles)."""
+        while True:
+            empty = True
+            for batch in data:
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError("`data` yielded no batches.")
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        """The limit output ``yhat(t, x)`` at the current time, in the solver's dtype."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise ValueError(f"`x` must be a floating tensor, got {type(x).__name__}.")
+        with tf32_allowed(self.allow_tf32):
+            return self._network(x.to(device=self.device, dtype=self.dtype))
+
+    def couple(
+        self,
+        widths: Sequence[int],
+        generator: torch.Generator | None = None,
+        method: Method = "subsample",
+        dtype: torch.dtype | None = None,
+    ) -> tuple[MeanFieldMLP, Coupling]:
+        """A width-``widths`` network whose neurons are sampled particles (§B.4).
+
+        See :func:`mflightning.limit.coupling.couple` for the arguments; couple at any time
+        (typically t = 0, before :meth:`step`), then train the small network alongside.
+        """
+        return couple(self, widths, generator=generator, method=method, dtype=dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Particles, step count, ``lr`` and ``loss``: plain tensors/ints/floats/strings.
+
+        Loadable with ``torch.load(..., weights_only=True)``.
+        """
+        return {
+            "particles": self._network.state_dict(),
+            "steps": self._steps,
+            "lr": self.lr,
+            "loss": self.loss,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume exactly from :meth:`state_dict` (same architecture, ``lr`` and ``loss``).
+
+        Raises:
+            ValueError: the state was saved with another ``lr`` or ``loss``.
+        """
+        for key in ("lr", "loss"):
+            if state_dict[key] != getattr(self, key):
+                raise ValueError(
+                    f"`state_dict` was saved with {key}={state_dict[key]!r} but this solver has "
+                    f"{key}={getattr(self, key)!r}; build the solver with the saved value."
+                )
+        self._network.load_state_dict(state_dict["particles"])
+        self._steps = int(state_dict["steps"])
