@@ -1,0 +1,290 @@
+"""``LimitTracker``: advance the mean-field limit in lockstep with training and log the gaps.
+
+The callback owns a :class:`~mflightning.limit.ParticleLimitSolver` (given, or built at width M
+from the module's network), optionally couples the module's network to it at fit start (§B.4:
+the module's neurons become a subsample of the particles, so every weight has an ideal particle),
+takes one solver step per optimizer step, and every ``every_n_steps`` logs (mf-theory.md §C)
+
+* ``limit/output_gap``: RMS over the probe inputs of ``yhat_N(x) - yhat_inf(x)`` (§C.1);
+* ``limit/loss_gap``: ``|L_N - L_inf|`` on the probe targets, or on the population (§C.2);
+* ``limit/dev/<layer>``: RMS coupled deviation of each layer's weights (§C.3, coupled runs only);
+* ``limit/time``: the solver's physical time, equal to the module's ``mf_time``.
+
+Its ``state_dict`` holds the particles, the step count and the coupling indices, so a run resumed
+from a checkpoint continues the same limit trajectory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from mflightning.functional import coupled_deviation, loss_gap, output_gap
+from mflightning.limit import Coupling, ParticleLimitSolver
+from mflightning.losses import mean_field_loss
+from mflightning.mlp import MeanFieldMLP
+from mflightning.module import MeanFieldModule
+from mflightning.nn import check_positive_int
+from mflightning.scaling import mean_field_layers
+
+DataMode = Literal["shared_batches", "population"]
+DATA_MODES: tuple[str, ...] = get_args(DataMode)
+Probe = Tensor | tuple[Tensor, Tensor]
+
+
+def _architecture(network: MeanFieldMLP) -> dict[str, Any]:
+    """Everything but the widths: what a solver and a network must share."""
+    config = dict(network.to_config()["init_args"])
+    config.pop("widths")
+    return config
+
+
+class LimitTracker(Callback):
+    """Tracks the distance of a :class:`MeanFieldModule` to its mean-field limit while it trains.
+
+    Args:
+        solver: the limit solver; its ``lr`` must equal the module's canonical step
+            (``module.time_step``) and its ``loss`` the module's loss. ``None`` builds one at
+            fit start from ``module.network.with_widths([particles] * (L - 1))`` in ``dtype``.
+        particles: M, the solver width when ``solver`` is ``None`` (use M >= 8 N, §B.4).
+        every_n_steps: log the gaps every this many optimizer steps (and at step 0).
+        probe: probe inputs ``x`` for the output gap, or ``(x, y)`` to also get the loss gap.
+        data: ``"shared_batches"`` (the solver steps on the module's own batches: the SGD-coupled
+            limit) or ``"population"`` (the solver steps on ``population`` every step).
+        population: ``(x, y)``, the data set of the population limit (needed for
+            ``data="population"``; also used for the loss gap when ``probe`` has no targets).
+        couple: overwrite the module's weights at fit start with a subsample of the particles and
+            log coupled deviations; ``False`` tracks output and loss gaps only.
+        seed: seed of the coupling index sets (and of the particles when they are built here).
+        dtype: dtype of a solver built here (float64 by default, §E.2).
+
+    Example::
+
+        tracker = LimitTracker(particles=2048, every_n_steps=10, probe=x_probe)
+        Trainer(callbacks=[tracker], max_steps=100).fit(module, datamodule)
+    """
+
+    def __init__(
+        self,
+        solver: ParticleLimitSolver | None = None,
+        *,
+        particles: int | None = None,
+        every_n_steps: int = 10,
+        probe: Probe | None = None,
+        data: DataMode = "shared_batches",
+        population: tuple[Tensor, Tensor] | None = None,
+        couple: bool = True,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        super().__init__()
+        if solver is None and particles is None:
+            raise ValueError("give a `solver`, or `particles` (M) to build one at fit start.")
+        if solver is not None and not isinstance(solver, ParticleLimitSolver):
+            raise ValueError(
+                f"`solver` must be a ParticleLimitSolver, got {type(solver).__name__}."
+            )
+        if particles is not None:
+            check_positive_int("particles", particles)
+        check_positive_int("every_n_steps", every_n_steps)
+        if data not in DATA_MODES:
+            raise ValueError(f"unknown `data` {data!r}; choose one of {DATA_MODES}.")
+        if data == "population" and population is None:
+            raise ValueError("`population` is required with data='population': pass (x, y).")
+        probe_x = probe[0] if isinstance(probe, tuple) else probe
+        if probe_x is None or not isinstance(probe_x, Tensor) or probe_x.dim() < 2:
+            raise ValueError(
+                "`probe` must be inputs x of shape (n, features...) or a tuple (x, y)."
+            )
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"`dtype` must be a floating torch dtype, got {dtype!r}.")
+        self.solver = solver
+        self.particles = particles
+        self.every_n_steps = every_n_steps
+        self.probe = probe
+        self.data = data
+        self.population = population
+        self.couple = couple
+        self.seed = seed
+        self.dtype = dtype
+        self.coupling: Coupling | None = None
+        self.last_gaps: dict[str, float] = {}
+        self._restored = False
+
+    @property
+    def state_key(self) -> str:
+        """Lets several trackers (e.g. different M) live on one Trainer."""
+        return f"LimitTracker[data={self.data}, couple={self.couple}, seed={self.seed}]"
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Build the solver if needed and check it matches the module (before any restore)."""
+        if stage != "fit":
+            return
+        if not isinstance(pl_module, MeanFieldModule):
+            raise ValueError("LimitTracker tracks a MeanFieldModule; wrap the network in one.")
+        network = pl_module.network
+        if not isinstance(network, MeanFieldMLP):
+            raise ValueError("LimitTracker needs `module.network` to be a MeanFieldMLP.")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "LimitTracker steps the solver once per batch; use accumulate_grad_batches=1 "
+                "(increase the batch size instead)."
+            )
+        if self.solver is None:
+            assert self.particles is not None
+            wide = network.with_widths(
+                [self.particles] * len(network.widths),
+                generator=torch.Generator().manual_seed(self.seed),
+            )
+            self.solver = ParticleLimitSolver(
+                wide, lr=pl_module.time_step, loss=pl_module.loss_name, dtype=self.dtype,
+                device=pl_module.device,
+            )  # fmt: skip
+        self._check_solver(self.solver, pl_module, network)
+
+    @staticmethod
+    def _check_solver(
+        solver: ParticleLimitSolver, module: MeanFieldModule, network: MeanFieldMLP
+    ) -> None:
+        if not isinstance(solver.network, MeanFieldMLP):
+            raise ValueError("the `solver` must hold a MeanFieldMLP to track a MeanFieldMLP.")
+        if _architecture(solver.network) != _architecture(network):
+            raise ValueError(
+                "the `solver` network's architecture (in/out features, activations, laws, "
+                "biases, frozen layers) differs from the module's; build it with "
+                "module.network.with_widths([M, ...])."
+            )
+        if abs(solver.lr - module.time_step) > 1e-12 * module.time_step:
+            raise ValueError(
+                f"the `solver` steps with lr={solver.lr} but the module's time step is "
+                f"{module.time_step} (preset {module.preset}); the two clocks would drift apart."
+            )
+        if solver.loss != module.loss_name:
+            raise ValueError(
+                f"the `solver` loss {solver.loss!r} differs from the module's {module.loss_name!r}."
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Couple the module's network to the particles, unless resuming from a checkpoint."""
+        if self._restored or not self.couple:
+            return
+        assert self.solver is not None and isinstance(pl_module, MeanFieldModule)
+        if self.solver.steps != trainer.global_step:
+            raise ValueError(
+                f"the `solver` is at step {self.solver.steps} but training starts at step "
+                f"{trainer.global_step}; couple at the start or resume both from one checkpoint."
+            )
+        network = pl_module.network
+        assert isinstance(network, MeanFieldMLP)
+        generator = torch.Generator().manual_seed(self.seed)
+        small, self.coupling = self.solver.couple(network.widths, generator=generator)
+        with torch.no_grad():
+            for target, source in zip(network.parameters(), small.parameters(), strict=True):
+                target.copy_(source)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the gaps at the starting step."""
+        self._log_gaps(trainer, pl_module)
+
+    # --- lockstep -----------------------------------------------------------------------------
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        """One solver step per optimizer step; log the gaps every ``every_n_steps``."""
+        assert self.solver is not None
+        x, y = (
+            self.population if self.data == "population" else self._global_batch(pl_module, batch)
+        )
+        self.solver.step(x, y)
+        if self.solver.steps != trainer.global_step:
+            raise RuntimeError(
+                f"the solver ({self.solver.steps} steps) fell out of step with training "
+                f"({trainer.global_step}); was a batch skipped by an optimizer-step condition?"
+            )
+        if trainer.global_step % self.every_n_steps == 0:
+            self._log_gaps(trainer, pl_module)
+
+    @staticmethod
+    def _global_batch(pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
+        """The batch of this optimizer step across all processes (DDP averages their gradients)."""
+        x, y = batch
+        if pl_module.trainer.world_size == 1:
+            return x, y
+        gathered_x, gathered_y = pl_module.all_gather((x, y))
+        return gathered_x.flatten(0, 1), gathered_y.flatten(0, 1)
+
+    # --- metrics ------------------------------------------------------------------------------
+
+    def _loss_data(self) -> tuple[Tensor, Tensor] | None:
+        """Where the loss gap is measured: the probe's targets, else the population, else none."""
+        return self.probe if isinstance(self.probe, tuple) else self.population
+
+    @torch.no_grad()
+    def gaps(self, pl_module: MeanFieldModule) -> dict[str, float]:
+        """The current gaps: ``limit/output_gap``, ``limit/loss_gap``, ``limit/dev/<layer>``."""
+        assert self.solver is not None
+        network, loss = pl_module.network, pl_module.loss_name
+        weight = next(network.parameters())
+
+        def finite(x: Tensor) -> Tensor:
+            return network(x.to(device=weight.device, dtype=weight.dtype))
+
+        probe_x = self.probe[0] if isinstance(self.probe, tuple) else self.probe
+        assert probe_x is not None
+        values = {"limit/output_gap": output_gap(finite(probe_x), self.solver(probe_x))}
+        loss_data = self._loss_data()
+        if loss_data is not None:
+            x, y = loss_data
+            finite_loss = mean_field_loss(loss, finite(x), y.to(weight.device))
+            limit_loss = mean_field_loss(loss, self.solver(x), y.to(self.solver.device))
+            values["limit/loss_gap"] = loss_gap(finite_loss, limit_loss)
+        if self.coupling is not None:
+            weights = {name: layer.weight for name, layer in mean_field_layers(network)}
+            for name, dev in coupled_deviation(weights, self.coupling.ideal_weights()).items():
+                values[f"limit/dev/{name}"] = dev
+        result = {key: float(value) for key, value in values.items()}
+        result["limit/time"] = self.solver.time
+        return result
+
+    def _log_gaps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Send the gaps and ``mf_time`` to every logger at the current global step."""
+        assert isinstance(pl_module, MeanFieldModule)
+        was_training = pl_module.network.training
+        pl_module.network.eval()
+        metrics = self.gaps(pl_module) | {"mf_time": pl_module.mf_time}
+        pl_module.network.train(was_training)
+        self.last_gaps = metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # --- checkpointing ------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Solver state and coupling indices (plain tensors: loads with ``weights_only=True``)."""
+        assert self.solver is not None
+        indices = [] if self.coupling is None else [s.cpu() for s in self.coupling.indices]
+        return {"solver": self.solver.state_dict(), "indices": indices}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the solver trajectory and the coupling, so fit resumes the same limit."""
+        assert self.solver is not None, "setup() builds the solver before a restore"
+        self.solver.load_state_dict(state_dict["solver"])
+        if state_dict["indices"]:
+            indices = [s.to(self.solver.device) for s in state_dict["indices"]]
+            self.coupling = Coupling(self.solver, indices, "subsample")
+        self._restored = True
