@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo test test-slow lint docs clean
 
 install: $(STAMP)
 
@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# width sweep with limit tracking on synthetic data (CPU, W&B offline): report + figures
 demo: $(STAMP)
-	$(VENV)/bin/mfl fit --config recipes/demo_gaussians.yaml
-	@echo "demo finished: metrics and checkpoint under runs/demo_gaussians/"
+	$(VENV)/bin/mfl sweep --config recipes/demo_gaussians.yaml --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m ruff check mflightning tests
@@ -29,6 +29,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check mflightning tests
 	$(PY) -m ruff format --check mflightning tests
 	$(PY) -m mypy mflightning
+
+# the site is built into site/ (git-ignored); --strict turns every warning into an error
+docs: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,docs]'
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf runs lightning_logs wandb .pytest_cache

@@ -16,6 +16,7 @@ from a checkpoint continues the same limit trajectory.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -24,17 +25,35 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from mflightning.functional import coupled_deviation, loss_gap, output_gap
 from mflightning.limit import Coupling, ParticleLimitSolver
-from mflightning.losses import mean_field_loss
+from mflightning.limit.snapshot import LimitSnapshot, gaps_to_limit, take_snapshot
 from mflightning.mlp import MeanFieldMLP
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
-from mflightning.scaling import mean_field_layers
 
 DataMode = Literal["shared_batches", "population"]
 DATA_MODES: tuple[str, ...] = get_args(DataMode)
 Probe = Tensor | tuple[Tensor, Tensor]
+
+
+def log_gaps(
+    trainer: pl.Trainer, module: MeanFieldModule, compute: Callable[[], dict[str, float]]
+) -> dict[str, float]:
+    """Compute gaps with the network in eval mode, add ``mf_time``, send them to every logger.
+
+    Returns:
+        The logged values, at step ``trainer.global_step``.
+    """
+    network = module.network
+    was_training = network.training
+    network.eval()
+    try:
+        metrics = compute() | {"mf_time": module.mf_time}
+    finally:
+        network.train(was_training)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+    return metrics
 
 
 def _architecture(network: MeanFieldMLP) -> dict[str, Any]:
@@ -145,9 +164,12 @@ class LimitTracker(Callback):
                 generator=torch.Generator().manual_seed(self.seed),
             )
             self.solver = ParticleLimitSolver(
-                wide, lr=pl_module.time_step, loss=pl_module.loss_name, dtype=self.dtype,
+                wide,
+                lr=pl_module.time_step,
+                loss=pl_module.loss_name,
+                dtype=self.dtype,
                 device=pl_module.device,
-            )  # fmt: skip
+            )
         self._check_solver(self.solver, pl_module, network)
 
     @staticmethod
@@ -200,9 +222,13 @@ class LimitTracker(Callback):
 
     @override
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """One solver step per optimizer step; log the gaps every ``every_n_steps``."""
         assert self.solver is not None
         x, y = (
@@ -232,43 +258,21 @@ class LimitTracker(Callback):
         """Where the loss gap is measured: the probe's targets, else the population, else none."""
         return self.probe if isinstance(self.probe, tuple) else self.population
 
-    @torch.no_grad()
+    def _probe_inputs(self) -> Tensor:
+        probe = self.probe[0] if isinstance(self.probe, tuple) else self.probe
+        assert probe is not None
+        return probe
+
     def gaps(self, pl_module: MeanFieldModule) -> dict[str, float]:
         """The current gaps: ``limit/output_gap``, ``limit/loss_gap``, ``limit/dev/<layer>``."""
         assert self.solver is not None
-        network, loss = pl_module.network, pl_module.loss_name
-        weight = next(network.parameters())
-
-        def finite(x: Tensor) -> Tensor:
-            return network(x.to(device=weight.device, dtype=weight.dtype))
-
-        probe_x = self.probe[0] if isinstance(self.probe, tuple) else self.probe
-        assert probe_x is not None
-        values = {"limit/output_gap": output_gap(finite(probe_x), self.solver(probe_x))}
-        loss_data = self._loss_data()
-        if loss_data is not None:
-            x, y = loss_data
-            finite_loss = mean_field_loss(loss, finite(x), y.to(weight.device))
-            limit_loss = mean_field_loss(loss, self.solver(x), y.to(self.solver.device))
-            values["limit/loss_gap"] = loss_gap(finite_loss, limit_loss)
-        if self.coupling is not None:
-            weights = {name: layer.weight for name, layer in mean_field_layers(network)}
-            for name, dev in coupled_deviation(weights, self.coupling.ideal_weights()).items():
-                values[f"limit/dev/{name}"] = dev
-        result = {key: float(value) for key, value in values.items()}
-        result["limit/time"] = self.solver.time
-        return result
+        probe, loss_data = self._probe_inputs(), self._loss_data()
+        snapshot = take_snapshot(self.solver, probe, loss_data, self.coupling)
+        return gaps_to_limit(pl_module.network, pl_module.loss_name, snapshot, probe, loss_data)
 
     def _log_gaps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Send the gaps and ``mf_time`` to every logger at the current global step."""
         assert isinstance(pl_module, MeanFieldModule)
-        was_training = pl_module.network.training
-        pl_module.network.eval()
-        metrics = self.gaps(pl_module) | {"mf_time": pl_module.mf_time}
-        pl_module.network.train(was_training)
-        self.last_gaps = metrics
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        self.last_gaps = log_gaps(trainer, pl_module, lambda: self.gaps(pl_module))
 
     # --- checkpointing ------------------------------------------------------------------------
 
@@ -288,3 +292,65 @@ class LimitTracker(Callback):
             indices = [s.to(self.solver.device) for s in state_dict["indices"]]
             self.coupling = Coupling(self.solver, indices, "subsample")
         self._restored = True
+
+
+class RecordedLimitTracker(Callback):
+    """Logs the gaps of a run to a limit trajectory recorded beforehand (used by width sweeps).
+
+    One solver pass records :class:`~mflightning.limit.snapshot.LimitSnapshot` s at the logging
+    steps; every run of a sweep then replays them instead of stepping its own solver. The network
+    must already start on its coupled particles, and train on the same batches as the recording.
+
+    Args:
+        snapshots: ``{global step: snapshot}``; the gaps are logged at exactly these steps.
+        probe: the probe inputs the snapshots were taken on.
+        loss_data: the ``(x, y)`` the snapshots' losses were measured on, if any.
+
+    Attributes:
+        history: every logged dict of gaps, in order.
+        train_losses: the training loss of every step.
+    """
+
+    def __init__(
+        self,
+        snapshots: Mapping[int, LimitSnapshot],
+        probe: Tensor,
+        loss_data: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.snapshots = snapshots
+        self.probe = probe
+        self.loss_data = loss_data
+        self.history: list[dict[str, float]] = []
+        self.train_losses: list[float] = []
+
+    def _log_if_recorded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        snapshot = self.snapshots.get(trainer.global_step)
+        if snapshot is None:
+            return
+        assert isinstance(pl_module, MeanFieldModule)
+        loss = pl_module.loss_name
+
+        def compute() -> dict[str, float]:
+            return gaps_to_limit(pl_module.network, loss, snapshot, self.probe, self.loss_data)
+
+        self.history.append({"step": trainer.global_step} | log_gaps(trainer, pl_module, compute))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the gaps at step 0."""
+        self._log_if_recorded(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Record the step's loss; log the gaps where a snapshot was recorded."""
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        self.train_losses.append(float(loss))
+        self._log_if_recorded(trainer, pl_module)

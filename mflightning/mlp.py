@@ -112,10 +112,16 @@ class MeanFieldMLP(nn.Module):
         for i in range(1, depth + 1):
             role: Role = "input" if i == 1 else "readout" if i == depth else "hidden"
             layer = MeanFieldLinear(
-                sizes[i - 1], sizes[i], bias=bias, role=role, init=laws[i - 1],
-                bias_init=bias_init, frozen=i in frozen_layers,
-                input_scale=input_scale if role == "input" else 1.0, generator=generator,
-            )  # fmt: skip
+                sizes[i - 1],
+                sizes[i],
+                bias=bias,
+                role=role,
+                init=laws[i - 1],
+                bias_init=bias_init,
+                frozen=i in frozen_layers,
+                input_scale=input_scale if role == "input" else 1.0,
+                generator=generator,
+            )
             self.add_module(f"layer{i}", layer)
 
     @staticmethod

@@ -27,9 +27,15 @@ OptimizerCallable = Callable[[Iterable[Any]], Optimizer]
 SchedulerCallable = Callable[[Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 ADAPTIVE_OPTIMIZERS = (
-    torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
-    torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta,
-)  # fmt: skip
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+)
 REFUSED_PRECISIONS = ("bf16-true", "16-true")
 
 
@@ -59,6 +65,26 @@ def _check_optimizer(optimizer: Optimizer, rule: Rule) -> None:
         )
 
 
+def _network_hparams(network: nn.Module) -> dict[str, Any]:
+    """``{"network": plain-data config}`` when the network has one, so checkpoints rebuild it.
+
+    A network without one (a custom module, or callable init laws) is not saved in the
+    hyperparameters: pass it again, ``MeanFieldModule.load_from_checkpoint(path, network=net)``.
+    """
+    to_config = getattr(network, "to_config", None)
+    if not callable(to_config):
+        return {}
+    try:
+        return {"network": to_config()}
+    except ValueError as error:
+        warnings.warn(
+            f"the network has no plain-data config ({error}); checkpoints will need "
+            "load_from_checkpoint(path, network=...).",
+            stacklevel=3,
+        )
+        return {}
+
+
 class MeanFieldModule(LightningModule):
     """Trains a mean-field network with per-layer lr multipliers and logs against ``mf_time``.
 
@@ -68,7 +94,8 @@ class MeanFieldModule(LightningModule):
         lr: base learning rate ``eps`` (alpha for the Sirignano–Spiliopoulos preset).
         loss: ``"mse"``, ``"half_mse"`` (the 1/2 convention) or ``"cross_entropy"``.
         optimizer: callable that takes the param groups, e.g. ``torch.optim.SGD`` or, from a
-            LightningCLI config, ``model.init_args.optimizer``.
+            LightningCLI recipe, ``model.optimizer`` (its own ``lr`` is ignored: every
+            param group sets its lr from ``lr`` and the multipliers).
         scheduler: optional callable ``optimizer -> LRScheduler``, stepped every optimizer step;
             use multiplicative schedules (LambdaLR, CosineAnnealingLR...) so the group multipliers
             survive.
@@ -114,13 +141,23 @@ class MeanFieldModule(LightningModule):
         self.time_step = get_preset(preset).time_step(network, lr)
         warn_trivial_limits(network)
         hparams: dict[str, Any] = {"lr": lr, "loss": loss, "rule": rule, "preset": preset}
-        to_config = getattr(network, "to_config", None)
-        if callable(to_config):  # plain data, so checkpoints rebuild the network safely
-            hparams["network"] = to_config()
+        hparams |= _network_hparams(network)
         self.save_hyperparameters(hparams)
         self.train_accuracy = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
+
+    def with_network(self, network: nn.Module) -> MeanFieldModule:
+        """A new module with the same lr, loss, optimizer, scheduler, rule and preset."""
+        return MeanFieldModule(
+            network,
+            lr=self.lr,
+            loss=self.loss_name,
+            optimizer=self.optimizer_factory,
+            scheduler=self.scheduler_factory,
+            rule=self.rule,
+            preset=self.preset,
+        )
 
     @property
     def mf_time(self) -> float:
@@ -144,7 +181,7 @@ class MeanFieldModule(LightningModule):
             raise ValueError(
                 "a LightningCLI `optimizer:`/`lr_scheduler:` entry replaced configure_optimizers "
                 "and would train model.parameters() without the mean-field lr multipliers. Move it "
-                "under the model: `model: {init_args: {optimizer: {class_path: torch.optim.SGD}}}` "
+                "under the model: `model: {optimizer: {class_path: torch.optim.SGD}}` "
                 "(and `scheduler:` likewise), or use `mfl`, which refuses it up front."
             )
 

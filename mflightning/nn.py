@@ -237,9 +237,19 @@ class MeanFieldConv1d(_MeanFieldConvNd, nn.Conv1d):
             in_channels, out_channels, role, init, bias_init, frozen, input_scale, generator
         )
         nn.Conv1d.__init__(
-            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            bias, padding_mode, device, dtype,
-        )  # fmt: skip
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
         self._finish_mean_field()
 
 
@@ -279,7 +289,17 @@ class MeanFieldConv2d(_MeanFieldConvNd, nn.Conv2d):
             in_channels, out_channels, role, init, bias_init, frozen, input_scale, generator
         )
         nn.Conv2d.__init__(
-            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            bias, padding_mode, device, dtype,
-        )  # fmt: skip
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
         self._finish_mean_field()

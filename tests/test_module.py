@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import warnings
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def test_optimizer_override_that_bypasses_the_groups_is_refused(tmp_path: Path) 
     module = MeanFieldModule(_net(), lr=0.1)
     # what LightningCLI's automatic optimizer does with a top-level `optimizer:` entry
     module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"model: \{init_args: \{optimizer"):
+    with pytest.raises(ValueError, match=r"model: \{optimizer: \{class_path"):
         _trainer(tmp_path).fit(module, IsotropicGaussians(n_train=16, n_val=8))
 
 
@@ -155,3 +156,18 @@ def test_bad_module_arguments(kwargs: dict, argument: str) -> None:
     args = {"network": _net()} | kwargs
     with pytest.raises(ValueError, match=f"`{argument}`"):
         MeanFieldModule(**args)
+
+
+def test_callable_init_law_needs_the_network_on_reload(tmp_path: Path) -> None:
+    law = functools.partial(torch.nn.init.uniform_, a=-1.0, b=1.0)
+    net = MeanFieldMLP(10, [16, 16], init=[law, Normal(1, 0.5), Normal(0, 1)])
+    with pytest.warns(UserWarning, match="plain-data config"):
+        module = MeanFieldModule(net, lr=0.1)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, IsotropicGaussians(n_train=16, n_val=8))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = MeanFieldModule.load_from_checkpoint(
+        tmp_path / "m.ckpt", network=net.with_widths([16, 16])
+    )
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(loaded(x), module(x), rtol=0, atol=0)

@@ -1,0 +1,89 @@
+"""What a finite network is compared with: the limit at one time, and the gaps to it (§C).
+
+A :class:`LimitSnapshot` holds the limit's output on the probe inputs, its loss on the loss data
+and (for coupled runs) the ideal particles of the finite network's weights. :func:`take_snapshot`
+reads one off a live solver; :func:`gaps_to_limit` measures a finite network against one:
+
+* ``limit/output_gap``: RMS over the probe of ``yhat_N(x) - yhat_inf(x)`` (§C.1);
+* ``limit/loss_gap``:   ``|L_N - L_inf|`` on the loss data (§C.2);
+* ``limit/dev/<layer>``: RMS over the layer's weights of ``w - w_ideal`` (§C.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mflightning.functional import coupled_deviation, loss_gap, output_gap
+from mflightning.limit.coupling import Coupling
+from mflightning.limit.solver import ParticleLimitSolver
+from mflightning.losses import LossName, mean_field_loss
+from mflightning.scaling import mean_field_layers
+
+LabelledData = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class LimitSnapshot:
+    """The mean-field limit at one physical time.
+
+    Attributes:
+        time: the limit's physical time ``t``.
+        output: limit output on the probe inputs.
+        loss: limit loss on the loss data (``None`` when there is none).
+        ideal_weights: ``{layer name: ideal particles}`` of a coupled network (``None`` if
+            uncoupled).
+    """
+
+    time: float
+    output: Tensor
+    loss: Tensor | None
+    ideal_weights: dict[str, Tensor] | None
+
+
+@torch.no_grad()
+def take_snapshot(
+    solver: ParticleLimitSolver,
+    probe: Tensor,
+    loss_data: LabelledData | None = None,
+    coupling: Coupling | None = None,
+) -> LimitSnapshot:
+    """Read the solver's current output, loss and (coupled) ideal weights."""
+    loss = None
+    if loss_data is not None:
+        x, y = loss_data
+        loss = mean_field_loss(solver.loss, solver(x), y.to(solver.device))
+    ideal = None if coupling is None else coupling.ideal_weights()
+    return LimitSnapshot(solver.time, solver(probe), loss, ideal)
+
+
+@torch.no_grad()
+def gaps_to_limit(
+    network: nn.Module,
+    loss: LossName,
+    snapshot: LimitSnapshot,
+    probe: Tensor,
+    loss_data: LabelledData | None = None,
+) -> dict[str, float]:
+    """The §C gaps of ``network`` to ``snapshot`` (keys in the module docstring), plus its time.
+
+    ``probe`` and ``loss_data`` must be the inputs the snapshot was taken on.
+    """
+    weight = next(network.parameters())
+
+    def finite(x: Tensor) -> Tensor:
+        return network(x.to(device=weight.device, dtype=weight.dtype))
+
+    values = {"limit/output_gap": output_gap(finite(probe), snapshot.output)}
+    if loss_data is not None and snapshot.loss is not None:
+        x, y = loss_data
+        values["limit/loss_gap"] = loss_gap(
+            mean_field_loss(loss, finite(x), y.to(weight.device)), snapshot.loss
+        )
+    if snapshot.ideal_weights is not None:
+        weights = {name: layer.weight for name, layer in mean_field_layers(network)}
+        for name, dev in coupled_deviation(weights, snapshot.ideal_weights).items():
+            values[f"limit/dev/{name}"] = dev
+    return {key: float(value) for key, value in values.items()} | {"limit/time": snapshot.time}

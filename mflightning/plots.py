@@ -1,0 +1,114 @@
+"""Figures of a width sweep (matplotlib's object API, no GUI backend; 600 x 450 px PNGs).
+
+* :func:`plot_loss_curves`: training loss against ``mf_time`` for every width, limit overlaid
+  (Nguyen's width-invariance figure, mf-theory.md §C.2);
+* :func:`plot_gap_scaling`: a gap against N on log-log axes, per-seed points, the aggregate, the
+  fitted line and a ``N^{-1/2}`` reference (§C.1, §C.8);
+* :func:`plot_layer_scaling`: one curve per layer against N (coupled deviations §C.3, neuron
+  spread §C.6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
+from mflightning.widthfit import SlopeFit
+
+FIGSIZE = (6.0, 4.5)
+DPI = 100
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _log_axes(ax: Any, widths: Sequence[float]) -> None:
+    """Log-log axes with the sweep's widths as plain x tick labels."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(list(widths), [f"{w:g}" for w in widths])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("width N")
+
+
+def plot_loss_curves(
+    curves: Mapping[int, tuple[Sequence[float], Sequence[float]]],
+    limit: tuple[Sequence[float], Sequence[float]],
+    path: Path,
+) -> Path:
+    """Loss vs ``mf_time``; ``curves[width]`` and ``limit`` are ``(times, losses)`` pairs."""
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
+    colors = colormaps["viridis"](np.linspace(0.1, 0.9, len(curves)))
+    for color, (width, (times, losses)) in zip(colors, sorted(curves.items()), strict=True):
+        ax.plot(times, losses, color=color, label=f"N = {width}")
+    ax.plot(*limit, "k--", linewidth=2, label="limit (particles)")
+    ax.set_xlabel("mf_time t = step x eps")
+    ax.set_ylabel("training loss (mean over seeds)")
+    ax.set_title("Width invariance: loss curves approach the limit")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_gap_scaling(
+    per_seed: Mapping[int, Sequence[float]],
+    aggregate: Sequence[float],
+    fit: SlopeFit,
+    label: str,
+    path: Path,
+) -> Path:
+    """Log-log gap vs N: seeds (dots), aggregate (line), fitted slope and the -1/2 reference."""
+    widths = np.array(sorted(per_seed), dtype=float)
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
+    for width in widths:
+        values = per_seed[int(width)]
+        ax.scatter([width] * len(values), values, s=12, color="tab:blue", alpha=0.4)
+    ax.plot(
+        widths, aggregate, "o-", color="tab:blue", label=f"{label} ({fit.aggregate} over seeds)"
+    )
+    fitted = np.exp(fit.intercept) * widths**fit.slope
+    ax.plot(
+        widths,
+        fitted,
+        "k-",
+        label=f"fit: slope {fit.slope:.2f} [{fit.ci_low:.2f}, {fit.ci_high:.2f}]",
+    )
+    reference = aggregate[0] * (widths / widths[0]) ** -0.5
+    ax.plot(widths, reference, ":", color="gray", label="N^-1/2 reference")
+    _log_axes(ax, widths)
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} vs width")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_layer_scaling(
+    per_layer: Mapping[str, Sequence[float]],
+    widths: Sequence[int],
+    ylabel: str,
+    title: str,
+    path: Path,
+) -> Path:
+    """One log-log curve per layer: ``per_layer[name][i]`` at ``widths[i]``, with a -1/2 guide."""
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
+    for name, values in per_layer.items():
+        ax.plot(widths, values, "o-", label=name)
+    first = np.array([v[0] for v in per_layer.values()])
+    guide = np.exp(np.log(first).mean()) * (np.asarray(widths) / widths[0]) ** -0.5
+    ax.plot(widths, guide, ":", color="gray", label="N^-1/2 guide")
+    _log_axes(ax, widths)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)

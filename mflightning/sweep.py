@@ -1,0 +1,425 @@
+"""Width sweeps: one recipe over widths x seeds, every run coupled to one limit (mf-theory.md §C.8).
+
+:class:`WidthSweep` integrates the particle limit **once** (M particles, default 8 x the largest
+width), couples every (width, seed) run to it by subsampling the particles (§B.4: a seed is an
+independent subsample), records the limit at the logging steps, then trains each run with
+Lightning on the same batch sequence and logs its gaps to the recorded limit (§C.1-§C.3) against
+``mf_time``. The report folder gets ``report.json`` (final and sup-over-time gaps per width,
+log-log slopes with bootstrap intervals and whether the expected -1/2 lies inside), ``curves.csv``,
+PNG figures and, unless disabled, one W&B run per (width, seed) plus a summary run.
+
+Finished runs are saved one by one (``runs/<name>.json``, written atomically): an interrupted sweep
+started again with the same folder skips them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule, Trainer, seed_everything
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mflightning.callbacks import RecordedLimitTracker
+from mflightning.functional import neuron_spread
+from mflightning.io import atomic_write_json, atomic_write_text, read_json
+from mflightning.limit import Coupling, ParticleLimitSolver
+from mflightning.limit.snapshot import LimitSnapshot, take_snapshot
+from mflightning.losses import correct_predictions
+from mflightning.mlp import MeanFieldMLP
+from mflightning.module import MeanFieldModule
+from mflightning.nn import check_positive_int
+from mflightning.report import RunResult, build_report, curves_rows, report_tables, write_figures
+from mflightning.wandb_logging import WandbMode, log_summary, resolve_mode, run_logger
+
+TRAINER_KEYS = ("accelerator", "precision", "deterministic")
+
+
+@dataclass
+class SweepSettings:
+    """The ``sweep:`` section of a recipe; ``mfl sweep --widths ... --seeds ...`` overrides it.
+
+    Attributes:
+        widths: hidden widths N (every hidden layer of a run gets width N).
+        seeds: independent subsamples of the particles per width (>= 2 for intervals).
+        particles: M, the solver width (default: 8 x the largest width, §B.4).
+        every_n_steps: log the gaps every this many steps (default: steps // 20).
+        probe_size: number of validation inputs the gaps are measured on.
+        out: report folder (default ``runs/sweep-<recipe name>``).
+        wandb: ``"auto"`` (offline unless online is requested or logged in), ``"offline"``,
+            ``"online"`` or ``"disabled"``.
+        project: W&B project name.
+        solver_dtype: ``"float64"`` (default, §E.2) or ``"float32"``.
+    """
+
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    seeds: int = 6
+    particles: int | None = None
+    every_n_steps: int | None = None
+    probe_size: int = 512
+    out: str | None = None
+    wandb: WandbMode = "auto"
+    project: str = "mflightning"
+    solver_dtype: str = "float64"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting."""
+        if not self.widths:
+            raise ValueError("`widths` must list at least two widths, e.g. --widths 64,128,256.")
+        for i, width in enumerate(self.widths):
+            check_positive_int(f"widths[{i}]", width)
+        if len(set(self.widths)) < 2:
+            raise ValueError(
+                f"`widths` needs two distinct widths to fit a slope, got {self.widths}."
+            )
+        check_positive_int("seeds", self.seeds)
+        check_positive_int("probe_size", self.probe_size)
+        if self.every_n_steps is not None:
+            check_positive_int("every_n_steps", self.every_n_steps)
+        if self.particles is not None:
+            check_positive_int("particles", self.particles)
+            if self.particles < max(self.widths):
+                raise ValueError(
+                    f"`particles` = {self.particles} is below the largest width "
+                    f"{max(self.widths)}; subsampling needs M >= N (use M >= 8N)."
+                )
+        if self.solver_dtype not in ("float64", "float32"):
+            raise ValueError(
+                f"`solver_dtype` must be 'float64' or 'float32', not {self.solver_dtype!r}."
+            )
+        resolve_mode(self.wandb)
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-fit banners while the sweep's progress bar runs."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _take(loader: Any, size: int) -> tuple[Tensor, Tensor]:
+    """The first ``size`` examples of a data loader, as two tensors."""
+    xs, ys, count = [], [], 0
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+        count += len(x)
+        if count >= size:
+            break
+    if not xs:
+        raise ValueError("the data module's val_dataloader() yielded no batch to probe with.")
+    return torch.cat(xs)[:size], torch.cat(ys)[:size]
+
+
+class WidthSweep:
+    """Runs a recipe over widths x seeds, all coupled to one particle limit, and reports.
+
+    Args:
+        module: the recipe's module; its network (a :class:`~mflightning.MeanFieldMLP`) gives the
+            architecture, and its lr, loss, optimizer and preset are used for every run.
+        datamodule: the data; ``train_dataloader()`` must give the same batch sequence at every
+            call (seeded shuffling), so every run and the limit see the same data order.
+        steps: optimizer steps per run (the recipe's ``trainer.max_steps``).
+        settings: widths, seeds, M, logging and output options.
+        trainer_kwargs: ``accelerator``, ``precision``, ``deterministic`` for each run's Trainer.
+        name: sweep name (W&B group, default folder name).
+    """
+
+    def __init__(
+        self,
+        module: MeanFieldModule,
+        datamodule: LightningDataModule,
+        steps: int,
+        settings: SweepSettings,
+        trainer_kwargs: dict[str, Any] | None = None,
+        name: str = "sweep",
+    ) -> None:
+        settings.validate()
+        check_positive_int("steps", steps)
+        if not isinstance(module.network, MeanFieldMLP):
+            raise ValueError("`module.network` must be a MeanFieldMLP to sweep its widths.")
+        unknown = set(trainer_kwargs or {}) - set(TRAINER_KEYS)
+        if unknown:
+            raise ValueError(f"`trainer_kwargs` accepts {TRAINER_KEYS}, got {sorted(unknown)}.")
+        self.module = module
+        self.network: MeanFieldMLP = module.network
+        self.datamodule = datamodule
+        self.steps = steps
+        self.settings = settings
+        self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.name = name
+        self.out = Path(settings.out or f"runs/sweep-{name}")
+        self.particles = settings.particles or 8 * max(settings.widths)
+        self.every = settings.every_n_steps or max(1, steps // 20)
+        self.wandb_mode = resolve_mode(settings.wandb)
+        self.log_steps = sorted({*range(0, steps + 1, self.every), steps})
+
+    # --- folders and runs ---------------------------------------------------------------------
+
+    def _prepare_folder(self) -> None:
+        try:
+            (self.out / "runs").mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise ValueError(
+                f"the report folder `out` = {self.out} is not writable ({error.strerror}); "
+                "choose another with --out."
+            ) from None
+
+    def _runs(self) -> list[tuple[int, int]]:
+        return [(w, s) for w in sorted(self.settings.widths) for s in range(self.settings.seeds)]
+
+    @staticmethod
+    def run_name(width: int, seed: int) -> str:
+        """``N<width>-seed<seed>``."""
+        return f"N{width}-seed{seed}"
+
+    def _run_path(self, width: int, seed: int) -> Path:
+        return self.out / "runs" / f"{self.run_name(width, seed)}.json"
+
+    def _load_finished(self, width: int, seed: int) -> RunResult | None:
+        path = self._run_path(width, seed)
+        if not path.is_file():
+            return None
+        data = read_json(path)
+        if data.get("steps") != self.steps or data.get("particles") != self.particles:
+            return None  # another sweep's result: redo it
+        return RunResult(**data["result"])
+
+    # --- the limit ----------------------------------------------------------------------------
+
+    def _solver(self) -> ParticleLimitSolver:
+        wide = self.network.with_widths(
+            [self.particles] * len(self.network.widths), generator=torch.Generator().manual_seed(0)
+        )
+        accelerator = str(self.trainer_kwargs.get("accelerator", "cpu"))
+        device = "cuda" if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
+        dtype = getattr(torch, self.settings.solver_dtype)
+        return ParticleLimitSolver(
+            wide, lr=self.module.time_step, loss=self.module.loss_name, dtype=dtype, device=device
+        )
+
+    def _check_data_order(self) -> None:
+        first = [next(iter(self.datamodule.train_dataloader()))[0] for _ in range(2)]
+        if not torch.equal(*first):
+            raise ValueError(
+                "the data module's train_dataloader() gives a different first batch at each call; "
+                "seed its shuffling so every run and the limit see the same data order."
+            )
+
+    def _record_limit(
+        self, couplings: dict[tuple[int, int], Coupling], probe: tuple[Tensor, Tensor]
+    ) -> tuple[dict[tuple[int, int], dict[int, LimitSnapshot]], list[float]]:
+        """One solver pass: per-run snapshots at the logging steps and the limit's loss curve."""
+        solver = next(iter(couplings.values())).solver
+        probe_x = probe[0]
+        snapshots: dict[tuple[int, int], dict[int, LimitSnapshot]] = {key: {} for key in couplings}
+        batches = itertools.chain.from_iterable(
+            self.datamodule.train_dataloader() for _ in itertools.count()
+        )
+        limit_loss = []
+        for step in tqdm(range(self.steps + 1), desc="limit (particles)", leave=False):
+            if step in self.log_steps:
+                shared = take_snapshot(solver, probe_x, probe)
+                for key, coupling in couplings.items():
+                    snapshots[key][step] = LimitSnapshot(
+                        shared.time, shared.output, shared.loss, coupling.ideal_weights()
+                    )
+            if step < self.steps:
+                limit_loss.append(solver.step(*next(batches)))
+        return snapshots, limit_loss
+
+    # --- one run ------------------------------------------------------------------------------
+
+    def _config(self, width: int, seed: int, network: MeanFieldMLP) -> dict[str, Any]:
+        """The W&B config of one run, under ``sweep`` (Lightning adds the module's hparams)."""
+        return {
+            "sweep": {
+                "name": self.name,
+                "width": width,
+                "seed": seed,
+                "widths": self.settings.widths,
+                "seeds": self.settings.seeds,
+                "particles": self.particles,
+                "steps": self.steps,
+                "lr": self.module.lr,
+                "time_step": self.module.time_step,
+                "loss": self.module.loss_name,
+                "preset": self.module.preset,
+                "rule": self.module.rule,
+                "multipliers": {
+                    f"layer{i}": m.lr_multiplier for i, m in enumerate(network.layers, 1)
+                },
+            }
+        }
+
+    def _train(
+        self,
+        width: int,
+        seed: int,
+        network: MeanFieldMLP,
+        snapshots: dict[int, LimitSnapshot],
+        probe: tuple[Tensor, Tensor],
+    ) -> RunResult:
+        seed_everything(seed, verbose=False)
+        module = self.module.with_network(network)
+        tracker = RecordedLimitTracker(snapshots, probe[0], probe)
+        name = self.run_name(width, seed)
+        wandb_logger = run_logger(
+            self.wandb_mode,
+            self.out,
+            self.settings.project,
+            self.name,
+            name,
+            self._config(width, seed, network),
+        )
+        trainer = Trainer(
+            **self.trainer_kwargs,
+            devices=1,
+            max_steps=self.steps,
+            logger=wandb_logger or False,
+            callbacks=[tracker],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            log_every_n_steps=1,
+            default_root_dir=self.out,
+        )
+        trainer.fit(module, self.datamodule)
+        if wandb_logger is not None:
+            wandb_logger.experiment.finish()
+        return self._result(width, seed, module, tracker, probe)
+
+    @torch.no_grad()
+    def _result(
+        self,
+        width: int,
+        seed: int,
+        module: MeanFieldModule,
+        tracker: RecordedLimitTracker,
+        probe: tuple[Tensor, Tensor],
+    ) -> RunResult:
+        network = module.network
+        assert isinstance(network, MeanFieldMLP)
+        weight = next(network.parameters())
+        x, y = probe[0].to(weight), probe[1].to(weight.device)
+        correct = correct_predictions(module.loss_name, network(x), y)
+        hidden = network.hidden_preactivations(x)[:-1]
+        spread = {f"layer{i + 1}": float(neuron_spread(h)) for i, h in enumerate(hidden)}
+        diverged = not all(math.isfinite(v) for v in tracker.train_losses)
+        return RunResult(
+            width,
+            seed,
+            diverged,
+            tracker.history,
+            tracker.train_losses,
+            float(correct.mean()),
+            spread,
+        )
+
+    # --- the sweep ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Run (or finish) the sweep and write the report folder; returns the report."""
+        self._prepare_folder()
+        self.datamodule.setup("fit")
+        self._check_data_order()
+        probe = _take(self.datamodule.val_dataloader(), self.settings.probe_size)
+        results = {key: r for key in self._runs() if (r := self._load_finished(*key)) is not None}
+        todo = [key for key in self._runs() if key not in results]
+        limit_path = self.out / "limit.json"
+        if todo or not limit_path.is_file():
+            solver = self._solver()
+            dtype = (
+                torch.float64
+                if self.trainer_kwargs.get("precision") == "64-true"
+                else torch.float32
+            )
+            couplings, networks = {}, {}
+            for width, seed in self._runs():
+                generator = torch.Generator().manual_seed(seed)
+                widths = [width] * len(self.network.widths)
+                networks[width, seed], couplings[width, seed] = solver.couple(
+                    widths, generator=generator, dtype=dtype
+                )
+            snapshots, limit_loss = self._record_limit(couplings, probe)
+            atomic_write_json(
+                limit_path, {"train_loss": limit_loss, "time_step": self.module.time_step}
+            )
+            with _quiet_lightning():
+                for width, seed in tqdm(todo, desc=f"sweep {self.name}"):
+                    result = self._train(
+                        width, seed, networks[width, seed], snapshots[width, seed], probe
+                    )
+                    atomic_write_json(
+                        self._run_path(width, seed),
+                        {
+                            "steps": self.steps,
+                            "particles": self.particles,
+                            "result": asdict(result),
+                        },
+                    )
+                    results[width, seed] = result
+        limit_loss = read_json(limit_path)["train_loss"]
+        return self._write_report(results, limit_loss)
+
+    # --- report -------------------------------------------------------------------------------
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "widths": sorted(self.settings.widths),
+            "seeds": self.settings.seeds,
+            "particles": self.particles,
+            "steps": self.steps,
+            "time_step": self.module.time_step,
+            "horizon": self.steps * self.module.time_step,
+            "lr": self.module.lr,
+            "loss": self.module.loss_name,
+            "preset": self.module.preset,
+            "every_n_steps": self.every,
+            "probe_size": self.settings.probe_size,
+            "wandb": self.wandb_mode,
+        }
+
+    def _write_report(
+        self, results: dict[tuple[int, int], RunResult], limit_loss: list[float]
+    ) -> dict[str, Any]:
+        step = self.module.time_step
+        report = build_report(results, limit_loss, self._meta())
+        atomic_write_json(self.out / "report.json", report)
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(curves_rows(results, limit_loss, step))
+        atomic_write_text(self.out / "curves.csv", buffer.getvalue())
+        paths = write_figures(report, results, limit_loss, step, self.out)
+        tables = report_tables(report)
+        log_summary(
+            self.wandb_mode,
+            self.out,
+            self.settings.project,
+            self.name,
+            tables,
+            paths,
+            {"widths": self.settings.widths, "seeds": self.settings.seeds},
+        )
+        return report
