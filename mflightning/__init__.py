@@ -2,6 +2,7 @@
 
 from mflightning import data, functional, metrics
 from mflightning.callbacks import LimitTracker
+from mflightning.convnet import MeanFieldConvNet
 from mflightning.diagnostics import TrivialLimitWarning, trivial_limit_reasons
 from mflightning.laws import InitLaw, Normal, Uniform
 from mflightning.limit import Coupling, ParticleLimitSolver
@@ -20,6 +21,7 @@ __all__ = [
     "LimitTracker",
     "MeanFieldConv1d",
     "MeanFieldConv2d",
+    "MeanFieldConvNet",
     "MeanFieldLayer",
     "MeanFieldLinear",
     "MeanFieldMLP",

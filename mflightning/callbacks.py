@@ -27,9 +27,9 @@ from typing_extensions import override
 
 from mflightning.limit import Coupling, ParticleLimitSolver
 from mflightning.limit.snapshot import LimitSnapshot, gaps_to_limit, take_snapshot
-from mflightning.mlp import MeanFieldMLP
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
+from mflightning.stack import MeanFieldStack
 
 DataMode = Literal["shared_batches", "population"]
 DATA_MODES: tuple[str, ...] = get_args(DataMode)
@@ -56,7 +56,7 @@ def log_gaps(
     return metrics
 
 
-def _architecture(network: MeanFieldMLP) -> dict[str, Any]:
+def _architecture(network: MeanFieldStack) -> dict[str, Any]:
     """Everything but the widths: what a solver and a network must share."""
     config = dict(network.to_config()["init_args"])
     config.pop("widths")
@@ -150,8 +150,10 @@ class LimitTracker(Callback):
         if not isinstance(pl_module, MeanFieldModule):
             raise ValueError("LimitTracker tracks a MeanFieldModule; wrap the network in one.")
         network = pl_module.network
-        if not isinstance(network, MeanFieldMLP):
-            raise ValueError("LimitTracker needs `module.network` to be a MeanFieldMLP.")
+        if not isinstance(network, MeanFieldStack):
+            raise ValueError(
+                "LimitTracker needs `module.network` to be a MeanFieldMLP or MeanFieldConvNet."
+            )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 "LimitTracker steps the solver once per batch; use accumulate_grad_batches=1 "
@@ -174,10 +176,10 @@ class LimitTracker(Callback):
 
     @staticmethod
     def _check_solver(
-        solver: ParticleLimitSolver, module: MeanFieldModule, network: MeanFieldMLP
+        solver: ParticleLimitSolver, module: MeanFieldModule, network: MeanFieldStack
     ) -> None:
-        if not isinstance(solver.network, MeanFieldMLP):
-            raise ValueError("the `solver` must hold a MeanFieldMLP to track a MeanFieldMLP.")
+        if not isinstance(solver.network, MeanFieldStack):
+            raise ValueError("the `solver` must hold a network of the same class as the module's.")
         if _architecture(solver.network) != _architecture(network):
             raise ValueError(
                 "the `solver` network's architecture (in/out features, activations, laws, "
@@ -206,7 +208,7 @@ class LimitTracker(Callback):
                 f"{trainer.global_step}; couple at the start or resume both from one checkpoint."
             )
         network = pl_module.network
-        assert isinstance(network, MeanFieldMLP)
+        assert isinstance(network, MeanFieldStack)
         generator = torch.Generator().manual_seed(self.seed)
         small, self.coupling = self.solver.couple(network.widths, generator=generator)
         with torch.no_grad():

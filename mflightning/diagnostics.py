@@ -13,8 +13,8 @@ import warnings
 
 from torch import nn
 
-from mflightning.mlp import MeanFieldMLP
 from mflightning.scaling import mean_field_layers
+from mflightning.stack import MeanFieldStack
 
 
 class TrivialLimitWarning(UserWarning):
@@ -30,7 +30,7 @@ def trivial_limit_reasons(network: nn.Module) -> list[str]:
                 f"middle layer '{path}' has a zero-mean init law ({layer.init_law}): its limit "
                 "pre-activation H_i starts at 0 (§B.3); use a non-zero mean, e.g. Normal(1.0, 0.5)."
             )
-    if isinstance(network, MeanFieldMLP) and network.depth >= 4:
+    if isinstance(network, MeanFieldStack) and network.depth >= 4:
         first = network.layers[0]
         symmetric_bias = first.bias is None or first.bias_init_law.is_symmetric
         if network.activation_is_odd[0] and first.init_law.is_symmetric and symmetric_bias:

@@ -36,10 +36,10 @@ from mflightning.io import atomic_write_json, atomic_write_text, read_json
 from mflightning.limit import Coupling, ParticleLimitSolver
 from mflightning.limit.snapshot import LimitSnapshot, take_snapshot
 from mflightning.losses import correct_predictions
-from mflightning.mlp import MeanFieldMLP
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
 from mflightning.report import RunResult, build_report, curves_rows, report_tables, write_figures
+from mflightning.stack import MeanFieldStack
 from mflightning.wandb_logging import WandbMode, log_summary, resolve_mode, run_logger
 
 TRAINER_KEYS = ("accelerator", "precision", "deterministic")
@@ -132,7 +132,7 @@ class WidthSweep:
     """Runs a recipe over widths x seeds, all coupled to one particle limit, and reports.
 
     Args:
-        module: the recipe's module; its network (a :class:`~mflightning.MeanFieldMLP`) gives the
+        module: the recipe's module; its network (a MeanFieldMLP or MeanFieldConvNet) gives the
             architecture, and its lr, loss, optimizer and preset are used for every run.
         datamodule: the data; ``train_dataloader()`` must give the same batch sequence at every
             call (seeded shuffling), so every run and the limit see the same data order.
@@ -153,13 +153,15 @@ class WidthSweep:
     ) -> None:
         settings.validate()
         check_positive_int("steps", steps)
-        if not isinstance(module.network, MeanFieldMLP):
-            raise ValueError("`module.network` must be a MeanFieldMLP to sweep its widths.")
+        if not isinstance(module.network, MeanFieldStack):
+            raise ValueError(
+                "`module.network` must be a MeanFieldMLP or MeanFieldConvNet to sweep its widths."
+            )
         unknown = set(trainer_kwargs or {}) - set(TRAINER_KEYS)
         if unknown:
             raise ValueError(f"`trainer_kwargs` accepts {TRAINER_KEYS}, got {sorted(unknown)}.")
         self.module = module
-        self.network: MeanFieldMLP = module.network
+        self.network: MeanFieldStack = module.network
         self.datamodule = datamodule
         self.steps = steps
         self.settings = settings
@@ -250,7 +252,7 @@ class WidthSweep:
 
     # --- one run ------------------------------------------------------------------------------
 
-    def _config(self, width: int, seed: int, network: MeanFieldMLP) -> dict[str, Any]:
+    def _config(self, width: int, seed: int, network: MeanFieldStack) -> dict[str, Any]:
         """The W&B config of one run, under ``sweep`` (Lightning adds the module's hparams)."""
         return {
             "sweep": {
@@ -276,7 +278,7 @@ class WidthSweep:
         self,
         width: int,
         seed: int,
-        network: MeanFieldMLP,
+        network: MeanFieldStack,
         snapshots: dict[int, LimitSnapshot],
         probe: tuple[Tensor, Tensor],
     ) -> RunResult:
@@ -320,7 +322,7 @@ class WidthSweep:
         probe: tuple[Tensor, Tensor],
     ) -> RunResult:
         network = module.network
-        assert isinstance(network, MeanFieldMLP)
+        assert isinstance(network, MeanFieldStack)
         weight = next(network.parameters())
         x, y = probe[0].to(weight), probe[1].to(weight.device)
         correct = correct_predictions(module.loss_name, network(x), y)

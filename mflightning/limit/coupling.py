@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 from torch import Tensor
 
-from mflightning.mlp import MeanFieldMLP
 from mflightning.nn import check_positive_int
 from mflightning.scaling import mean_field_layers
+from mflightning.stack import MeanFieldStack
 
 if TYPE_CHECKING:
     from mflightning.limit.solver import ParticleLimitSolver
@@ -121,11 +121,12 @@ def couple(
     generator: torch.Generator | None = None,
     method: Method = "subsample",
     dtype: torch.dtype | None = None,
-) -> tuple[MeanFieldMLP, Coupling]:
+) -> tuple[MeanFieldStack, Coupling]:
     """A width-``widths`` copy of the solver's architecture initialized from its particles (§B.4).
 
     Args:
-        solver: a solver whose network is a :class:`~mflightning.MeanFieldMLP`.
+        solver: a solver whose network is a :class:`~mflightning.MeanFieldMLP` or
+            :class:`~mflightning.MeanFieldConvNet` (conv weights are indexed by channel).
         widths: hidden widths ``n_1 .. n_{L-1}`` of the small network.
         generator: CPU random generator for the index sets (``None``: torch's global one).
         method: ``"subsample"`` (without replacement, ``n_i <= M_i``) or ``"bootstrap"``.
@@ -136,13 +137,14 @@ def couple(
         ``coupling.ideal_weights()`` (and biases ``coupling.ideal_biases()``) at the current time.
 
     Raises:
-        ValueError: the solver's network is not a MeanFieldMLP, or bad ``widths``, ``method``,
+        ValueError: the solver's network is not a mean-field stack, or bad ``widths``, ``method``,
             ``generator`` or ``dtype``.
     """
     network = solver.network
-    if not isinstance(network, MeanFieldMLP):
+    if not isinstance(network, MeanFieldStack):
         raise ValueError(
-            "coupling needs the solver's `network` to be a MeanFieldMLP (it builds the small "
+            "coupling needs the solver's `network` to be a MeanFieldMLP or MeanFieldConvNet (it "
+            "builds the small "
             f"network with `with_widths`), got {type(network).__name__}."
         )
     if generator is not None and not isinstance(generator, torch.Generator):
