@@ -121,8 +121,11 @@ def build_report(results: Results, limit_loss: list[float], meta: dict[str, Any]
             {w: [r.final("limit/loss_gap") for r in rs] for w, rs in grouped.items()}, "rms"
         )
         for layer in layers:
+            deviations = {
+                w: [r.final(f"limit/dev/{layer}") for r in rs] for w, rs in grouped.items()
+            }
             slopes[f"dev/{layer}"] = _slope(
-                {w: [r.final(f"limit/dev/{layer}") for r in rs] for w, rs in grouped.items()},
+                deviations,
                 "median",
             )
     return meta | {

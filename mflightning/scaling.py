@@ -82,12 +82,15 @@ class Preset:
         formula: the per-layer learning rate, in words.
         time_step: maps ``(model, lr)`` to the canonical step ``eps`` (mf_time advances by it).
         check: raises ``ValueError`` if the model does not fit the preset.
+        width_dependent_clock: the step ``eps`` depends on the width, so networks of different
+            widths need different step counts to reach the same time (no width sweeps).
     """
 
     name: str
     formula: str
     time_step: Callable[[nn.Module, float], float]
     check: Callable[[nn.Module], None] = lambda model: None
+    width_dependent_clock: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -102,6 +105,7 @@ PRESETS: dict[str, Preset] = {
             "sirignano_spiliopoulos",
             "lr_i = (lr / N_1) * n_{i-1} * n_i; t = k * lr / N_1 (their clock k / N_1, alpha = lr)",
             lambda model, lr: lr / first_hidden_width(model),
+            width_dependent_clock=True,
         ),
         Preset(
             "araujo_oliveira_yukimura",

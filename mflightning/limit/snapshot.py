@@ -6,7 +6,7 @@ reads one off a live solver; :func:`gaps_to_limit` measures a finite network aga
 
 * ``limit/output_gap``: RMS over the probe of ``yhat_N(x) - yhat_inf(x)`` (§C.1);
 * ``limit/loss_gap``:   ``|L_N - L_inf|`` on the loss data (§C.2);
-* ``limit/dev/<layer>``: RMS over the layer's weights of ``w - w_ideal`` (§C.3).
+* ``limit/dev/<layer>``: RMS over the layer's weights of ``w - w_ideal`` (§C.3), trained layers.
 """
 
 from __future__ import annotations
@@ -83,7 +83,11 @@ def gaps_to_limit(
             mean_field_loss(loss, finite(x), y.to(weight.device)), snapshot.loss
         )
     if snapshot.ideal_weights is not None:
-        weights = {name: layer.weight for name, layer in mean_field_layers(network)}
-        for name, dev in coupled_deviation(weights, snapshot.ideal_weights).items():
+        # frozen layers never leave their ideal particles: their deviation is only rounding
+        trained = {
+            name: layer.weight for name, layer in mean_field_layers(network) if not layer.frozen
+        }
+        ideal = {name: snapshot.ideal_weights[name] for name in trained}
+        for name, dev in coupled_deviation(trained, ideal).items():
             values[f"limit/dev/{name}"] = dev
     return {key: float(value) for key, value in values.items()} | {"limit/time": snapshot.time}
