@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.common_types import _size_1_t, _size_2_t
 
@@ -169,9 +168,17 @@ class MeanFieldLinear(MeanFieldLayer, nn.Linear):  # type: ignore[misc]  # torch
         self._finish_mean_field()
 
     def forward(self, input: Tensor) -> Tensor:
-        """``forward_scale * (input @ W^T) + b``: matmul first, then one multiply (§E.2 item 11)."""
-        output = F.linear(input, self.weight) * self.forward_scale
-        return output if self.bias is None else output + self.bias
+        """``forward_scale * (input @ W^T) + b`` as one GEMM whose ``alpha`` is the scale.
+
+        The product accumulates inside the GEMM and is scaled once, as ``(1/n) sum`` should be
+        (§E.2 item 11); no extra pass over the output is needed for the bias.
+        """
+        rows = input.reshape(-1, self.in_features)
+        if self.bias is None:
+            output = torch.mm(rows, self.weight.t()).mul_(self.forward_scale)
+        else:
+            output = torch.addmm(self.bias, rows, self.weight.t(), alpha=self.forward_scale)
+        return output.view(*input.shape[:-1], self.out_features)
 
 
 class _MeanFieldConvNd(MeanFieldLayer):
@@ -185,10 +192,11 @@ class _MeanFieldConvNd(MeanFieldLayer):
 
     def forward(self, input: Tensor) -> Tensor:
         """``forward_scale * conv(input, W) + b``: kernel positions summed, channels averaged."""
-        output = self._conv_forward(input, self.weight, None) * self.forward_scale
+        # in place: the convolution's backward does not need its output
+        output = self._conv_forward(input, self.weight, None).mul_(self.forward_scale)
         if self.bias is None:
             return output
-        return output + self.bias.view(-1, *([1] * self._spatial_dims))
+        return output.add_(self.bias.view(-1, *([1] * self._spatial_dims)))
 
 
 def _check_conv_args(in_channels: int, out_channels: int, groups: int) -> None:
