@@ -5,7 +5,7 @@ from mflightning.callbacks import LimitTracker
 from mflightning.convnet import MeanFieldConvNet
 from mflightning.diagnostics import TrivialLimitWarning, trivial_limit_reasons
 from mflightning.laws import InitLaw, Normal, Uniform
-from mflightning.limit import Coupling, ParticleLimitSolver
+from mflightning.limit import Coupling, ParticleLimitSolver, ReducedLimitSolver
 from mflightning.mlp import MeanFieldMLP
 from mflightning.module import MeanFieldModule
 from mflightning.nn import MeanFieldConv1d, MeanFieldConv2d, MeanFieldLayer, MeanFieldLinear
@@ -28,6 +28,7 @@ __all__ = [
     "MeanFieldModule",
     "Normal",
     "ParticleLimitSolver",
+    "ReducedLimitSolver",
     "SlopeFit",
     "TrivialLimitWarning",
     "Uniform",

@@ -25,8 +25,10 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from mflightning.guards import DivergenceError, training_divergence
 from mflightning.limit import Coupling, ParticleLimitSolver
 from mflightning.limit.snapshot import LimitSnapshot, gaps_to_limit, take_snapshot
+from mflightning.mlp import MeanFieldMLP
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
 from mflightning.stack import MeanFieldStack
@@ -49,6 +51,8 @@ def log_gaps(
     network.eval()
     try:
         metrics = compute() | {"mf_time": module.mf_time}
+    except DivergenceError as error:
+        raise training_divergence(trainer, module, str(error)) from error
     finally:
         network.train(was_training)
     for logger in trainer.loggers:
@@ -173,6 +177,8 @@ class LimitTracker(Callback):
                 device=pl_module.device,
             )
         self._check_solver(self.solver, pl_module, network)
+        if isinstance(network, MeanFieldMLP):
+            network.check_input(self._probe_inputs().to(next(network.parameters())), "probe")
 
     @staticmethod
     def _check_solver(

@@ -9,14 +9,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from torch import nn
+
+from mflightning.laws import InitLaw
+
 ALLOWED_PREFIX = "mflightning."
+BUILDABLE = (nn.Module, InitLaw)
 
 
 def build(spec: Any) -> Any:
     """Recursively instantiate ``{"class_path": "mflightning.X", "init_args": {...}}`` dictionaries.
 
     Raises:
-        ValueError: a ``class_path`` points outside the ``mflightning`` package.
+        ValueError: a ``class_path`` points outside the ``mflightning`` package, or to anything
+            but a module or init-law class (a function, say).
     """
     if isinstance(spec, list):
         return [build(item) for item in spec]
@@ -32,5 +38,18 @@ def build(spec: Any) -> Any:
             "MeanFieldModule.load_from_checkpoint(path, network=my_net)."
         )
     module_name, _, class_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name, None)
+    except ImportError:
+        cls = None
+    if not (
+        isinstance(cls, type)
+        and issubclass(cls, BUILDABLE)
+        and cls.__module__.startswith(ALLOWED_PREFIX)
+    ):
+        raise ValueError(
+            f"refusing to build `class_path` {class_path!r}: it is not an mflightning network, "
+            "layer or init law (functions are never called from saved configs); pass the network "
+            "yourself, e.g. MeanFieldModule.load_from_checkpoint(path, network=my_net)."
+        )
     return cls(**{key: build(value) for key, value in spec.get("init_args", {}).items()})

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision import datasets
 
 from mflightning.nn import check_positive_int
+from mflightning.sampling import EpochShuffleSampler, ResumableDataLoader
 
 Target = Literal["pm1", "class"]
 ImageTarget = Literal["class", "onehot"]
@@ -68,13 +69,20 @@ class _TensorDataModule(LightningDataModule):
     num_workers: int = 0
 
     def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Full batch in a fixed order, or seeded shuffled minibatches."""
-        batch_size = self.batch_size or len(self.train_set)
-        return DataLoader(
+        """Full batch in a fixed order, or seeded shuffled minibatches.
+
+        Shuffled minibatches come from a :class:`~mflightning.sampling.ResumableDataLoader`: the
+        order of epoch ``e`` depends only on ``(seed, e)`` and a run resumed mid-epoch from a
+        checkpoint continues with the batches it would have seen.
+        """
+        size = len(self.train_set)
+        batch_size = self.batch_size or size
+        if batch_size >= size:
+            return DataLoader(self.train_set, batch_size=size, num_workers=self.num_workers)
+        return ResumableDataLoader(
             self.train_set,
             batch_size=batch_size,
-            shuffle=batch_size < len(self.train_set),
-            generator=torch.Generator().manual_seed(self.seed),
+            sampler=EpochShuffleSampler(size, self.seed),
             num_workers=self.num_workers,
         )
 

@@ -79,8 +79,32 @@ class MeanFieldMLP(MeanFieldStack):
             )
             self.add_module(f"layer{i}", layer)
 
+    def check_input(self, x: Tensor, name: str = "x") -> None:
+        """Raise ``ValueError`` naming ``name`` unless ``x`` is ``(..., in_features)`` floats.
+
+        The dtype must be the weights' (under autocast, any floating dtype).
+        """
+        first = self.layers[0]
+        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != first.in_features:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"`{name}` must have shape (batch, {first.in_features}) for this network "
+                f"(in_features={first.in_features}), got {shape}; reshape or select features."
+            )
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not x.is_floating_point() or (x.dtype != first.weight.dtype and not autocast):
+            raise ValueError(
+                f"`{name}` has dtype {x.dtype} but the network's weights are "
+                f"{first.weight.dtype}; convert it with .to({first.weight.dtype})."
+            )
+
     def forward(self, x: Tensor) -> Tensor:
-        """``phi_L(H_L(x))`` with ``H_i`` of §1.1."""
+        """``phi_L(H_L(x))`` with ``H_i`` of §1.1.
+
+        Raises:
+            ValueError: ``x`` has the wrong feature size or dtype.
+        """
+        self.check_input(x)
         for layer, activation in zip(self.layers, self._activations, strict=True):
             x = activation.fn(layer(x))
         return x

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 
 from mflightning.config import build
 from mflightning.diagnostics import warn_trivial_limits
+from mflightning.guards import DivergenceGuard
 from mflightning.losses import LossName, check_loss_name, correct_predictions, mean_field_loss
 from mflightning.scaling import PresetName, Rule, get_preset, param_groups
 
@@ -204,6 +205,10 @@ class MeanFieldModule(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def configure_callbacks(self) -> list[Callback]:
+        """A :class:`~mflightning.guards.DivergenceGuard`: stop at the first non-finite loss."""
+        return [DivergenceGuard()]
 
     def _shared_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         x, y = batch

@@ -18,7 +18,7 @@ import csv
 import io
 import itertools
 import logging
-import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from mflightning.callbacks import RecordedLimitTracker
 from mflightning.functional import neuron_spread
+from mflightning.guards import DivergenceError
 from mflightning.io import atomic_write_json, atomic_write_text, read_json
 from mflightning.limit import Coupling, ParticleLimitSolver
 from mflightning.limit.snapshot import LimitSnapshot, take_snapshot
@@ -39,8 +40,15 @@ from mflightning.losses import correct_predictions
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
 from mflightning.report import RunResult, build_report, curves_rows, report_tables, write_figures
+from mflightning.scaling import get_preset
 from mflightning.stack import MeanFieldStack
-from mflightning.wandb_logging import WandbMode, log_summary, resolve_mode, run_logger
+from mflightning.wandb_logging import (
+    WandbMode,
+    check_mode,
+    log_summary,
+    resolve_mode,
+    run_logger,
+)
 
 TRAINER_KEYS = ("accelerator", "precision", "deterministic")
 
@@ -97,7 +105,7 @@ class SweepSettings:
             raise ValueError(
                 f"`solver_dtype` must be 'float64' or 'float32', not {self.solver_dtype!r}."
             )
-        resolve_mode(self.wandb)
+        check_mode(self.wandb)
 
 
 @contextmanager
@@ -156,6 +164,13 @@ class WidthSweep:
         if not isinstance(module.network, MeanFieldStack):
             raise ValueError(
                 "`module.network` must be a MeanFieldMLP or MeanFieldConvNet to sweep its widths."
+            )
+        if get_preset(module.preset).width_dependent_clock:
+            raise ValueError(
+                f"`module.preset` {module.preset!r} ties the time step to the width "
+                "(eps = lr/N_1), "
+                "so runs of different widths would need different step counts: sweep with "
+                "preset='nguyen_pham' (the same limit, eps = lr) instead."
             )
         unknown = set(trainer_kwargs or {}) - set(TRAINER_KEYS)
         if unknown:
@@ -235,9 +250,9 @@ class WidthSweep:
         solver = next(iter(couplings.values())).solver
         probe_x = probe[0]
         snapshots: dict[tuple[int, int], dict[int, LimitSnapshot]] = {key: {} for key in couplings}
-        batches = itertools.chain.from_iterable(
-            self.datamodule.train_dataloader() for _ in itertools.count()
-        )
+        # one loader, re-iterated: each pass is the next epoch's order, as in the runs' Trainer
+        loader = self.datamodule.train_dataloader()
+        batches = itertools.chain.from_iterable(loader for _ in itertools.count())
         limit_loss = []
         for step in tqdm(range(self.steps + 1), desc="limit (particles)", leave=False):
             if step in self.log_steps:
@@ -307,10 +322,16 @@ class WidthSweep:
             log_every_n_steps=1,
             default_root_dir=self.out,
         )
-        trainer.fit(module, self.datamodule)
-        if wandb_logger is not None:
-            wandb_logger.experiment.finish()
-        return self._result(width, seed, module, tracker, probe)
+        diverged = False
+        try:
+            trainer.fit(module, self.datamodule)
+        except DivergenceError as error:
+            warnings.warn(f"run {name} is recorded as diverged: {error}", stacklevel=2)
+            diverged = True
+        finally:
+            if wandb_logger is not None:
+                wandb_logger.experiment.finish()
+        return self._result(width, seed, module, tracker, probe, diverged)
 
     @torch.no_grad()
     def _result(
@@ -320,6 +341,7 @@ class WidthSweep:
         module: MeanFieldModule,
         tracker: RecordedLimitTracker,
         probe: tuple[Tensor, Tensor],
+        diverged: bool,
     ) -> RunResult:
         network = module.network
         assert isinstance(network, MeanFieldStack)
@@ -328,7 +350,6 @@ class WidthSweep:
         correct = correct_predictions(module.loss_name, network(x), y)
         hidden = network.hidden_preactivations(x)[:-1]
         spread = {f"layer{i + 1}": float(neuron_spread(h)) for i, h in enumerate(hidden)}
-        diverged = not all(math.isfinite(v) for v in tracker.train_losses)
         return RunResult(
             width,
             seed,

@@ -9,23 +9,45 @@ key in ``WANDB_API_KEY`` or ``~/.netrc``); offline runs need no account and no n
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 WandbMode = Literal["auto", "offline", "online", "disabled"]
 WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
 TIME_AXIS_METRICS = ("limit/*", "train/*", "val/*")
+DEFAULT_HOST = "https://api.wandb.ai"
+PROBE_TIMEOUT_S = 3.0
+"""Seconds the connection probe to the W&B host may take before falling back to offline."""
+
+
+class WandbOfflineFallback(UserWarning):
+    """Online W&B logging was requested but is impossible (no login or no network)."""
+
+
+def check_mode(mode: str) -> None:
+    """Raise ``ValueError`` naming ``wandb`` unless ``mode`` is one of ``WANDB_MODES``."""
+    if mode not in WANDB_MODES:
+        raise ValueError(f"unknown `wandb` mode {mode!r}; choose one of {WANDB_MODES}.")
 
 
 def resolve_mode(mode: str) -> Literal["offline", "online", "disabled"]:
     """Turn ``"auto"`` into ``"online"`` (requested or logged in) or ``"offline"``.
 
+    Online (asked for, or by ``"auto"``) needs an API key and the W&B host answering within
+    ``PROBE_TIMEOUT_S``; otherwise a :class:`WandbOfflineFallback` warning says why and the
+    result is ``"offline"``.
+
     Raises:
         ValueError: unknown ``mode``.
     """
-    if mode not in WANDB_MODES:
-        raise ValueError(f"unknown `wandb` mode {mode!r}; choose one of {WANDB_MODES}.")
+    check_mode(mode)
+    if mode == "online":
+        return _online_or_offline()
     if mode != "auto":
         return mode  # type: ignore[return-value]
     env = os.environ.get("WANDB_MODE", "")
@@ -33,11 +55,57 @@ def resolve_mode(mode: str) -> Literal["offline", "online", "disabled"]:
         return "offline"
     if env == "disabled":
         return "disabled"
+    if env == "online" or _api_key():
+        return _online_or_offline()
+    return "offline"
+
+
+def _api_key() -> bool:
+    """Whether a W&B API key is set (``WANDB_API_KEY``) or stored in ``~/.netrc``."""
     netrc = Path.home() / ".netrc"
-    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (
+    return bool(os.environ.get("WANDB_API_KEY")) or (
         netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
     )
-    return "online" if env == "online" or logged_in else "offline"
+
+
+def _reachable(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` s (DNS included)."""
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)  # bounds a hanging DNS lookup too
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _online_or_offline() -> Literal["online", "offline"]:
+    """``"online"`` if logged in and the W&B host answers within ``PROBE_TIMEOUT_S``, else offline.
+
+    Falling back warns once with the reason; the run then logs offline (``wandb sync`` later).
+    """
+    url = urlsplit(os.environ.get("WANDB_BASE_URL", DEFAULT_HOST))
+    host = url.hostname or "api.wandb.ai"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    if not _api_key():
+        reason = "no API key (run `wandb login` or set WANDB_API_KEY)"
+    elif not _reachable(host, port, PROBE_TIMEOUT_S):
+        reason = f"{host}:{port} is unreachable within {PROBE_TIMEOUT_S:g} s (no network?)"
+    else:
+        return "online"
+    warnings.warn(
+        f"W&B online mode was requested but there is {reason}; logging offline instead "
+        "(`wandb sync <folder>` uploads the runs later).",
+        WandbOfflineFallback,
+        stacklevel=3,
+    )
+    return "offline"
 
 
 def _quiet_settings() -> Any:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mflightning.functional import coupled_deviation, loss_gap, output_gap
+from mflightning.guards import DivergenceError
 from mflightning.limit.coupling import Coupling
 from mflightning.limit.solver import ParticleLimitSolver
 from mflightning.losses import LossName, mean_field_loss
@@ -59,6 +60,13 @@ def take_snapshot(
     return LimitSnapshot(solver.time, solver(probe), loss, ideal)
 
 
+def _finite(what: str, value: Tensor) -> Tensor:
+    """``value``, or a :class:`DivergenceError` naming ``what`` if it has NaN or inf."""
+    if not torch.isfinite(value).all():
+        raise DivergenceError(f"the network's {what} is not finite")
+    return value
+
+
 @torch.no_grad()
 def gaps_to_limit(
     network: nn.Module,
@@ -70,18 +78,21 @@ def gaps_to_limit(
     """The §C gaps of ``network`` to ``snapshot`` (keys in the module docstring), plus its time.
 
     ``probe`` and ``loss_data`` must be the inputs the snapshot was taken on.
+
+    Raises:
+        DivergenceError: the network's output or loss is not finite.
     """
     weight = next(network.parameters())
 
     def finite(x: Tensor) -> Tensor:
         return network(x.to(device=weight.device, dtype=weight.dtype))
 
-    values = {"limit/output_gap": output_gap(finite(probe), snapshot.output)}
+    output = _finite("output on the probe", finite(probe))
+    values = {"limit/output_gap": output_gap(output, snapshot.output)}
     if loss_data is not None and snapshot.loss is not None:
         x, y = loss_data
-        values["limit/loss_gap"] = loss_gap(
-            mean_field_loss(loss, finite(x), y.to(weight.device)), snapshot.loss
-        )
+        network_loss = mean_field_loss(loss, finite(x), y.to(weight.device))
+        values["limit/loss_gap"] = loss_gap(_finite("loss", network_loss), snapshot.loss)
     if snapshot.ideal_weights is not None:
         # frozen layers never leave their ideal particles: their deviation is only rounding
         trained = {

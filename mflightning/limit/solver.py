@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -26,10 +27,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mflightning.guards import DivergenceError, divergence_message, update_sizes
 from mflightning.limit.coupling import Coupling, Method, couple
 from mflightning.losses import LossName, check_loss_name, mean_field_loss
-from mflightning.mlp import MeanFieldMLP
 from mflightning.scaling import mean_field_layers, param_groups, time_step
+from mflightning.stack import MeanFieldStack
 
 Batch = tuple[Tensor, Tensor]
 
@@ -66,64 +68,35 @@ def _check_network(network: object) -> nn.Module:
     return network
 
 
-class ParticleLimitSolver:
-    """Brute-force particle solver of the mean-field limit (mf-theory.md §B.4, equations §B.2).
-
-    The given width-M network is deep-copied into ``dtype``/``device``: its neurons are the M
-    particles (atoms) of the neuronal embedding. Each :meth:`step` is one explicit-Euler step
-    ``w <- w - lr * Grad`` of the population gradient flow, i.e. one full-batch SGD step with the
-    §1.2 multipliers; physical time advances by ``lr`` (§1.1).
-
-    Supported networks: any module whose parameters all live in mean-field layers — a
-    :class:`~mflightning.MeanFieldMLP` (stepping and coupling, :meth:`couple`) or an
-    ``nn.Sequential`` of mean-field linear/conv layers and parameter-free activations (stepping
-    only; coupling needs ``MeanFieldMLP.with_widths``).
-
-    Args:
-        network: the width-M mean-field network holding the initial particles (not modified).
-        lr: Euler step ``h = eps`` (> 0); the solver time after k steps is ``k * lr``.
-        loss: loss convention of :func:`mflightning.losses.mean_field_loss`
-            (``"mse"``, ``"half_mse"`` or ``"cross_entropy"``).
-        dtype: floating dtype of the particles (float64 by default, §E.2).
-        device: device of the particles (default: that of ``network``).
-        allow_tf32: allow TF32 matmuls during steps and evaluations (off by default, §E.2 item 10).
+def check_solver_args(lr: float, loss: str, dtype: torch.dtype) -> None:
+    """Validate the ``lr``, ``loss`` and ``dtype`` arguments shared by the limit solvers.
 
     Raises:
-        ValueError: a bad ``network``, ``lr``, ``loss`` or ``dtype``.
+        ValueError: naming the bad argument.
+    """
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"`lr` must be a positive number (the Euler step h), got {lr!r}.")
+    check_loss_name(loss)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"`dtype` must be a floating torch dtype such as torch.float64, got {dtype!r}."
+        )
+
+
+class EulerSolver(ABC):
+    """Shared driver of the explicit-Euler limit solvers: clock, batch checks, :meth:`run`.
+
+    Subclasses set ``lr``, ``loss``, ``dtype``, ``device``, ``_time_step`` and ``_steps`` and
+    implement :meth:`_euler_step` (one step on a prepared batch) and :meth:`__call__`.
     """
 
-    def __init__(
-        self,
-        network: nn.Module,
-        lr: float,
-        loss: LossName = "mse",
-        dtype: torch.dtype = torch.float64,
-        device: torch.device | str | None = None,
-        allow_tf32: bool = False,
-    ) -> None:
-        _check_network(network)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"`lr` must be a positive number (the Euler step h), got {lr!r}.")
-        check_loss_name(loss)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(
-                f"`dtype` must be a floating torch dtype such as torch.float64, got {dtype!r}."
-            )
-        self.lr = float(lr)
-        self.loss: LossName = loss
-        self.dtype = dtype
-        self.allow_tf32 = bool(allow_tf32)
-        self._network = copy.deepcopy(network).to(device=device, dtype=dtype)
-        self.device = next(self._network.parameters()).device
-        # plain SGD is stateless, so (particles, step count) is the whole solver state
-        self._optimizer = torch.optim.SGD(param_groups(self._network, self.lr, rule="sgd"))
-        self._time_step = time_step(self._network, self.lr)
-        self._steps = 0
-
-    @property
-    def network(self) -> nn.Module:
-        """The particles: the width-M network at the current solver time."""
-        return self._network
+    lr: float
+    loss: LossName
+    dtype: torch.dtype
+    device: torch.device
+    _time_step: float
+    _steps: int
+    _progress_label = "limit solver"
 
     @property
     def steps(self) -> int:
@@ -134,6 +107,22 @@ class ParticleLimitSolver:
     def time(self) -> float:
         """Physical time ``t = steps * lr`` (§1.1)."""
         return self._steps * self._time_step
+
+    @abstractmethod
+    def _euler_step(self, x: Tensor, y: Tensor) -> float:
+        """One Euler step on a prepared batch; returns the loss before the update."""
+
+    @abstractmethod
+    def __call__(self, x: Tensor) -> Tensor:
+        """The limit output ``yhat(t, x)`` at the current time."""
+
+    def _check_device(self, name: str, tensor: Tensor) -> None:
+        """Refuse a tensor on another accelerator (CPU tensors are moved to the solver)."""
+        if tensor.device != self.device and tensor.device.type != "cpu":
+            raise ValueError(
+                f"`{name}` is on {tensor.device} but the solver's particles are on "
+                f"{self.device}; move it with .to({str(self.device)!r}) (or pass a CPU tensor)."
+            )
 
     def _prepare(self, x: Tensor, y: Tensor) -> Batch:
         """Validate a batch and move it to the solver's device/dtype."""
@@ -148,6 +137,8 @@ class ParticleLimitSolver:
                 f"`y` must be a tensor with one target per row of `x` (batch {x.shape[0]}), "
                 f"got {shape}."
             )
+        self._check_device("x", x)
+        self._check_device("y", y)
         if not torch.isfinite(x).all():
             raise ValueError("`x` contains NaN or infinite values; clean the inputs.")
         if y.is_floating_point() and not torch.isfinite(y).all():
@@ -156,21 +147,11 @@ class ParticleLimitSolver:
         y = y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device)
         return x, y
 
-    def _euler_step(self, x: Tensor, y: Tensor) -> float:
-        """One SGD step on a prepared batch; returns the loss before the update."""
-        with tf32_allowed(self.allow_tf32):
-            self._optimizer.zero_grad(set_to_none=True)
-            loss = mean_field_loss(self.loss, self._network(x), y)
-            loss.backward()
-            self._optimizer.step()
-        self._steps += 1
-        return loss.item()
-
     def step(self, x: Tensor, y: Tensor) -> float:
         """One Euler step of the population gradient flow on the batch ``(x, y)`` (§B.4).
 
-        ``w_i <- w_i - lr * mean_z Grad_i(z)`` for every trainable layer, i.e. one full-batch SGD
-        step with ``param_groups(network, lr, rule="sgd")``.
+        ``w <- w - lr * mean_z Grad(z)`` for every trainable weight or field; for the particle
+        solver one full-batch SGD step with ``param_groups(network, lr, rule="sgd")``.
 
         Args:
             x: inputs ``(batch, ...)``; converted to the solver's dtype and device.
@@ -214,7 +195,7 @@ class ParticleLimitSolver:
                 f"{type(data).__name__}."
             )
         losses = []
-        for _ in tqdm(range(steps), desc="particle limit", disable=not progress):
+        for _ in tqdm(range(steps), desc=self._progress_label, disable=not progress):
             losses.append(self._euler_step(*next(batches)))
         return losses
 
@@ -229,11 +210,97 @@ class ParticleLimitSolver:
             if empty:
                 raise ValueError("`data` yielded no batches.")
 
+    def _check_saved(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a :meth:`state_dict` saved with another ``lr`` or ``loss``."""
+        for key in ("lr", "loss"):
+            if state_dict[key] != getattr(self, key):
+                raise ValueError(
+                    f"`state_dict` was saved with {key}={state_dict[key]!r} but this solver has "
+                    f"{key}={getattr(self, key)!r}; build the solver with the saved value."
+                )
+
+
+class ParticleLimitSolver(EulerSolver):
+    """Brute-force particle solver of the mean-field limit (mf-theory.md §B.4, equations §B.2).
+
+    The given width-M network is deep-copied into ``dtype``/``device``: its neurons are the M
+    particles (atoms) of the neuronal embedding. Each :meth:`step` is one explicit-Euler step
+    ``w <- w - lr * Grad`` of the population gradient flow, i.e. one full-batch SGD step with the
+    §1.2 multipliers; physical time advances by ``lr`` (§1.1).
+
+    Supported networks: any module whose parameters all live in mean-field layers — a
+    :class:`~mflightning.MeanFieldMLP` or :class:`~mflightning.MeanFieldConvNet` (stepping and
+    coupling, :meth:`couple`) or an
+    ``nn.Sequential`` of mean-field linear/conv layers and parameter-free activations (stepping
+    only; coupling needs ``with_widths``).
+
+    Args:
+        network: the width-M mean-field network holding the initial particles (not modified).
+        lr: Euler step ``h = eps`` (> 0); the solver time after k steps is ``k * lr``.
+        loss: loss convention of :func:`mflightning.losses.mean_field_loss`
+            (``"mse"``, ``"half_mse"`` or ``"cross_entropy"``).
+        dtype: floating dtype of the particles (float64 by default, §E.2).
+        device: device of the particles (default: that of ``network``).
+        allow_tf32: allow TF32 matmuls during steps and evaluations (off by default, §E.2 item 10).
+
+    Raises:
+        ValueError: a bad ``network``, ``lr``, ``loss`` or ``dtype``.
+    """
+
+    _progress_label = "particle limit"
+
+    def __init__(
+        self,
+        network: nn.Module,
+        lr: float,
+        loss: LossName = "mse",
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        allow_tf32: bool = False,
+    ) -> None:
+        _check_network(network)
+        check_solver_args(lr, loss, dtype)
+        self.lr = float(lr)
+        self.loss: LossName = loss
+        self.dtype = dtype
+        self.allow_tf32 = bool(allow_tf32)
+        self._network = copy.deepcopy(network).to(device=device, dtype=dtype)
+        self.device = next(self._network.parameters()).device
+        # plain SGD is stateless, so (particles, step count) is the whole solver state
+        self._optimizer = torch.optim.SGD(param_groups(self._network, self.lr, rule="sgd"))
+        self._time_step = time_step(self._network, self.lr)
+        self._steps = 0
+
+    @property
+    def network(self) -> nn.Module:
+        """The particles: the width-M network at the current solver time."""
+        return self._network
+
+    def _euler_step(self, x: Tensor, y: Tensor) -> float:
+        """One SGD step on a prepared batch; returns the loss before the update.
+
+        Raises:
+            DivergenceError: the loss is not finite (the particles are left as they were).
+        """
+        with tf32_allowed(self.allow_tf32):
+            loss = mean_field_loss(self.loss, self._network(x), y)
+            if not torch.isfinite(loss):
+                what = f"the loss is {loss.item()}"
+                sizes = update_sizes(self._optimizer)  # the previous step's gradients
+                message = divergence_message("limit solver", what, self._steps, self.time, sizes)
+                raise DivergenceError(message)
+            self._optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self._optimizer.step()
+        self._steps += 1
+        return loss.item()
+
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
         """The limit output ``yhat(t, x)`` at the current time, in the solver's dtype."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise ValueError(f"`x` must be a floating tensor, got {type(x).__name__}.")
+        self._check_device("x", x)
         with tf32_allowed(self.allow_tf32):
             return self._network(x.to(device=self.device, dtype=self.dtype))
 
@@ -243,7 +310,7 @@ class ParticleLimitSolver:
         generator: torch.Generator | None = None,
         method: Method = "subsample",
         dtype: torch.dtype | None = None,
-    ) -> tuple[MeanFieldMLP, Coupling]:
+    ) -> tuple[MeanFieldStack, Coupling]:
         """A width-``widths`` network whose neurons are sampled particles (§B.4).
 
         See :func:`mflightning.limit.coupling.couple` for the arguments; couple at any time
@@ -269,11 +336,6 @@ class ParticleLimitSolver:
         Raises:
             ValueError: the state was saved with another ``lr`` or ``loss``.
         """
-        for key in ("lr", "loss"):
-            if state_dict[key] != getattr(self, key):
-                raise ValueError(
-                    f"`state_dict` was saved with {key}={state_dict[key]!r} but this solver has "
-                    f"{key}={getattr(self, key)!r}; build the solver with the saved value."
-                )
+        self._check_saved(state_dict)
         self._network.load_state_dict(state_dict["particles"])
         self._steps = int(state_dict["steps"])

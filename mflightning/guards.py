@@ -1,0 +1,143 @@
+"""Divergence guard: stop training at the first non-finite loss, with the step and a hint.
+
+A too-large lr in the mean-field regime (multipliers up to ``n_in * n_out``) blows the weights up
+within a few steps; the loss then turns ``inf``/``nan`` and every later step is wasted (or, worse,
+checkpointed). :class:`DivergenceGuard`, which :class:`~mflightning.MeanFieldModule` adds to every
+Trainer, raises :class:`DivergenceError` before the backward pass of the first non-finite loss, so
+no non-finite weights are ever stepped to or saved: the last checkpoint written is a good one.
+The limit solvers raise the same error when their own loss turns non-finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+HINT = (
+    "lower the lr, or check the multiplier preset (`preset`, `rule`: the per-layer lrs are "
+    "lr times n_in*n_out, see the param-group table at fit start)."
+)
+
+
+class DivergenceError(RuntimeError):
+    """Training (or the limit solver) produced a non-finite loss: the run has diverged."""
+
+
+def update_sizes(optimizer: Optimizer) -> dict[str, Tensor]:
+    """Size of the coming SGD update of each param group, ``lr * RMS(grad)``, as 0-d tensors.
+
+    Computed on the gradients' device without synchronising; groups without gradients are left
+    out and unnamed groups are called ``group<i>``.
+    """
+    sizes = {}
+    for i, group in enumerate(optimizer.param_groups):
+        grads = [p.grad.detach() for p in group["params"] if p.grad is not None]
+        if grads:
+            squares = sum(g.double().square().sum() for g in grads)
+            count = sum(g.numel() for g in grads)
+            sizes[str(group.get("name", f"group{i}"))] = group["lr"] * (squares / count).sqrt()
+    return sizes
+
+
+def largest_update(sizes: Mapping[str, Tensor]) -> str:
+    """``"<group> (<size>)"`` for the largest update, a non-finite one counting as the largest."""
+    if not sizes:
+        return "none yet (the loss was non-finite before any update)"
+    values = {name: float(size) for name, size in sizes.items()}
+    name = max(values, key=lambda k: values[k] if math.isfinite(values[k]) else math.inf)
+    return f"{name} (lr * RMS grad = {values[name]:.3g})"
+
+
+def divergence_message(
+    who: str, what: str, step: int, time: float, sizes: Mapping[str, Tensor]
+) -> str:
+    """The message of a :class:`DivergenceError`: what, where, when, which layer, what to do."""
+    return (
+        f"{who} diverged: {what} at step {step} (mf_time {time:.6g}); largest last update: "
+        f"{largest_update(sizes)}. Fix: {HINT}"
+    )
+
+
+def training_divergence(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, what: str
+) -> DivergenceError:
+    """A :class:`DivergenceError` at the trainer's step, with the guard's last update sizes."""
+    guards = [c for c in trainer.callbacks if isinstance(c, DivergenceGuard)]  # type: ignore[attr-defined]
+    sizes = guards[0].sizes if guards else {}
+    time = float(getattr(pl_module, "mf_time", math.nan))
+    return DivergenceError(divergence_message("training", what, trainer.global_step, time, sizes))
+
+
+def non_finite_inputs(batch: Any) -> bool:
+    """Whether a floating tensor of ``batch`` (a tensor or a sequence of them) has NaN or inf."""
+    tensors: Iterable[Any] = batch if isinstance(batch, (tuple, list)) else (batch,)
+    return any(
+        isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+        for t in tensors
+    )
+
+
+class DivergenceGuard(Callback):
+    """Raises :class:`DivergenceError` at the first non-finite training loss, before its backward.
+
+    A non-finite *batch* raises ``ValueError`` instead (the data, not the lr, is at fault). The
+    finiteness check costs one scalar synchronisation per step; the update sizes of the message
+    are measured just before each optimizer step.
+
+    Attributes:
+        sizes: ``lr * RMS(grad)`` per param group at the last optimizer step.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict[str, Tensor] = {}
+        self._batch: Any = None
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Keep a reference to the batch, to tell bad data from divergence."""
+        self._batch = batch
+
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        """Stop on a non-finite loss, naming the step, ``mf_time`` and the largest update."""
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        step = trainer.global_step
+        if non_finite_inputs(self._batch):
+            raise ValueError(
+                f"the training `batch` at step {step} contains NaN or infinite values; clean the "
+                "data (or drop those rows) before training."
+            )
+        raise training_divergence(trainer, pl_module, f"the loss is {float(loss.detach().sum())}")
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        """Measure the size of the coming update of every param group."""
+        self.sizes = update_sizes(optimizer)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Drop the batch reference."""
+        self._batch = None

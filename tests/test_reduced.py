@@ -1,0 +1,387 @@
+"""ReducedLimitSolver (mf-theory.md §B.3/§B.4) against the brute-force solver; §D.3 T-REDUCED,
+T-DEGEN and T-ARAUJO; degeneracy diagnostics (§C.6)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+from conftest import loglog_slope
+from torch import Tensor, nn
+
+from mflightning import (
+    MeanFieldConv1d,
+    MeanFieldMLP,
+    MeanFieldModule,
+    Normal,
+    ParticleLimitSolver,
+    ReducedLimitSolver,
+    TrivialLimitWarning,
+)
+from mflightning.degeneracy import effective_rank, middle_displacement_variance
+from mflightning.functional import neuron_spread
+from mflightning.guards import DivergenceError
+
+pytestmark = pytest.mark.usefixtures("float64_default")  # middle weights exactly mu_i (§D.3)
+
+MEANS = (1.0, 0.8, 0.9, 0.7)  # mu_2, mu_3, ... of the middle laws (§D.3 T-REDUCED)
+LR = 0.1
+
+
+def reduced_data(n: int = 100, dim: int = 5, seed: int = 1234) -> tuple[Tensor, Tensor]:
+    """§D.3 T-REDUCED: X ~ N(0, I), y = tanh(g + x_1) with g ~ N(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen)
+    return x, torch.tanh(torch.randn(n, generator=gen) + x[:, 0])
+
+
+def reduced_net(
+    widths: Sequence[int], tau: float, seed: int = 0, frozen: Sequence[str] = ()
+) -> MeanFieldMLP:
+    """ReLU first layer, tanh middle, identity readout; N(0, I), N(mu_i, tau^2), N(0.5, 1)."""
+    depth = len(widths) + 1
+    init = [Normal(0.0, 1.0), *(Normal(MEANS[i], tau) for i in range(depth - 2)), Normal(0.5, 1.0)]
+    return MeanFieldMLP(
+        5,
+        widths,
+        activations=["relu"] + ["tanh"] * (depth - 2) + ["identity"],
+        init=init,
+        frozen=frozen,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def solve_both(
+    net: MeanFieldMLP, steps: int = 20
+) -> tuple[ParticleLimitSolver, ReducedLimitSolver, list[float], list[float]]:
+    data = reduced_data()
+    brute = ParticleLimitSolver(net, LR, loss="half_mse")
+    reduced = ReducedLimitSolver(net, LR, loss="half_mse")
+    return brute, reduced, brute.run(data, steps, False), reduced.run(data, steps, False)
+
+
+def relative_gap(brute: ParticleLimitSolver, reduced: ReducedLimitSolver) -> float:
+    x = reduced_data()[0]
+    return ((brute(x) - reduced(x)).norm() / brute(x).norm()).item()
+
+
+EXACT_CASES = {
+    "L2": dict(widths=[48]),
+    "L3": dict(widths=[48, 40]),
+    "L4": dict(widths=[64, 40, 48]),
+    "L5": dict(widths=[64, 40, 30, 48]),
+    "L6": dict(widths=[32, 40, 30, 20, 48]),
+    "L4-araujo": dict(widths=[64, 40, 48], frozen=("input", "readout")),
+    "L3-araujo": dict(widths=[48, 40], frozen=("input", "readout")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXACT_CASES))
+def test_exact_when_middle_laws_are_constant(case: str) -> None:
+    """tau_i = 0: the degeneracy is exact at every M, so R_M == S_M to rounding (§D.3)."""
+    net = reduced_net(**EXACT_CASES[case], tau=0.0)
+    brute, reduced, brute_losses, reduced_losses = solve_both(net)
+    np.testing.assert_allclose(reduced_losses, brute_losses, rtol=0, atol=1e-13)
+    assert relative_gap(brute, reduced) < 1e-12
+    assert reduced.steps == 20 and reduced.time == pytest.approx(20 * LR)
+    # the fields are the brute-force weights: w_i(t) = mu_i + g_i / + w_i#, end layers = atoms
+    layers, fields, depth = brute.network.layers, reduced.fields, net.depth
+    torch.testing.assert_close(fields["w1"], layers[0].weight, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fields[f"w{depth}"], layers[-1].weight, rtol=0, atol=1e-12)
+    expected = {2: fields["g2"]} if depth == 3 else {}
+    if depth >= 4:
+        expected = {2: fields["g2"][None, :], depth - 1: fields[f"g{depth - 1}"][:, None]}
+        expected |= {i: fields[f"w{i}#"] for i in range(3, depth - 1)}
+    for i, offset in expected.items():
+        displacement = layers[i - 1].weight - MEANS[i - 2]
+        torch.testing.assert_close(displacement, offset.expand_as(displacement), atol=1e-12, rtol=0)
+    if "araujo" in case:
+        torch.testing.assert_close(fields["w1"], net.layer1.weight.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("depth", [3, 4, 5])
+def test_exact_for_several_outputs_cross_entropy_and_input_scale(depth: int) -> None:
+    """tau_i = 0 exactness with C = 3 logits, loss "cross_entropy", gelu/sigmoid, input_scale."""
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(60, 5, generator=gen), torch.randint(0, 3, (60,), generator=gen)
+    net = MeanFieldMLP(
+        5,
+        [16] * (depth - 1),
+        out_features=3,
+        activations=["gelu"] + ["sigmoid"] * (depth - 2) + ["identity"],
+        init=[Normal(0.1, 1.0)] + [Normal(0.7, 0.0)] * (depth - 2) + [Normal(0.2, 1.0)],
+        input_scale=0.5,
+        generator=gen,
+    )
+    brute = ParticleLimitSolver(net, 0.3, loss="cross_entropy")
+    reduced = ReducedLimitSolver(net, 0.3, loss="cross_entropy")
+    losses = brute.run((x, y), 15, progress=False)
+    np.testing.assert_allclose(reduced.run((x, y), 15, progress=False), losses, rtol=0, atol=1e-13)
+    assert losses[-1] < losses[0] - 1e-3
+    torch.testing.assert_close(reduced(x), brute(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("depth", "frozen"),
+    [(2, ())] + [(d, f) for d in (3, 4, 5) for f in [(), ("input", "readout")]],
+)
+def test_exact_with_biases(depth: int, frozen: tuple[str, ...]) -> None:
+    """tau_i = 0 exactness with iid end-atom biases (b_1, b_{L-1}, readout) and constant biases
+    in the degenerate layers (§B.3), two outputs, loss "mse"."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(60, 5, generator=gen)
+    y = torch.stack([torch.tanh(x[:, 0]), x[:, 1].cos()], dim=1)
+    net = MeanFieldMLP(
+        5,
+        [16, 12, 10, 14][: depth - 1],
+        out_features=2,
+        activations=["relu"] + ["tanh"] * (depth - 2) + ["identity"],
+        init=[Normal(0.1, 1.0)] + [Normal(0.7, 0.0)] * (depth - 2) + [Normal(0.2, 1.0)],
+        bias=True,
+        bias_init=Normal(0.3, 0.0),
+        frozen=frozen,
+        generator=gen,
+    )
+    with torch.no_grad():
+        for i in {1, depth - 1, depth}:
+            net.layers[i - 1].bias.normal_(generator=gen)
+    brute = ParticleLimitSolver(net, LR)
+    reduced = ReducedLimitSolver(net, LR)
+    losses = brute.run((x, y), 15, progress=False)
+    np.testing.assert_allclose(reduced.run((x, y), 15, progress=False), losses, rtol=0, atol=1e-13)
+    assert losses[-1] < losses[0] - 1e-3
+    torch.testing.assert_close(reduced(x), brute(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(reduced.fields["b1"], brute.network.layer1.bias, rtol=0, atol=1e-12)
+
+
+def test_shared_atom_gap_shrinks_like_one_over_m() -> None:
+    """tau_i = 0.5, shared end atoms: ||y_S - y_R|| / ||y_S|| ~ M^-1 (§D.3 found -0.96)."""
+    widths = [128, 256, 512, 1024]
+    gaps = [
+        np.mean(
+            [relative_gap(*solve_both(reduced_net([m] * 3, 0.5, seed))[:2]) for seed in range(4)]
+        )
+        for m in widths
+    ]
+    assert gaps[0] < 2e-2
+    assert -1.4 <= loglog_slope(widths, gaps) <= -0.6, gaps
+
+
+def test_translation_is_the_mean_displacement_of_middle_weights() -> None:
+    """L = 5: w_3#(t) = mean of W_3(t) - W_3(0), and the displacement's variance over entries
+    shrinks with M (§C.6).
+
+    Tolerance: §D.3 reports a relative 5e-3 at M >= 512, but the absolute error is O(1/M)
+    (~1e-4 at M = 512, ~2e-5 at 1024) while |w_3#(2)| varies with the atoms (6e-3 to 2e-2), so the
+    relative error at M = 512 ranges over 4e-3 to 3e-2 across seeds; at M = 1024 it is 1.3e-3.
+    """
+    variances = []
+    for m in (128, 1024):
+        net = reduced_net([m] * 4, 0.5)
+        brute, reduced, _, _ = solve_both(net)
+        now, start = brute.network.layer3.weight.detach(), net.layer3.weight.detach()
+        translation = reduced.fields["w3#"]
+        error = abs((now - start).mean() - translation) / abs(translation)
+        variances.append(middle_displacement_variance(now, start).item())
+    assert abs(translation) > 1e-3  # the middle layer moved
+    assert error < 5e-3, error
+    assert variances[1] < variances[0] / 2, variances
+
+
+def degen_spreads(widths: Sequence[int], seeds: int = 3) -> np.ndarray:
+    """§D.3 T-DEGEN at T = 4: mean over seeds of (S_1, S_2, S_3, erank(H_3) - 1) per width."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (256,), generator=gen) * 2.0 - 1.0
+    x = torch.randn(256, 10, generator=gen) * torch.where(y > 0, 1.4, 0.6)[:, None]
+    rows = []
+    for n in widths:
+        per_seed = []
+        for seed in range(seeds):
+            net = MeanFieldMLP(
+                10,
+                [n] * 3,
+                activations=["relu", "tanh", "tanh", "identity"],
+                init=[Normal(0.0, 1.0), Normal(1.0, 0.5), Normal(1.0, 0.5), Normal(0.0, 2.0)],
+                generator=torch.Generator().manual_seed(10 + seed),
+            )
+            solver = ParticleLimitSolver(net, 0.2, loss="half_mse")
+            solver.run((x, y), 20, progress=False)
+            h = solver.network.hidden_preactivations(x)
+            spreads = [neuron_spread(h[i]).item() for i in range(3)]
+            per_seed.append([*spreads, effective_rank(h[2]).item() - 1])
+        rows.append(np.mean(per_seed, axis=0))
+    return np.array(rows)
+
+
+def check_degeneracy(widths: list[int]) -> None:
+    rows = degen_spreads(widths)
+    slopes = [loglog_slope(widths, rows[:, j]) for j in range(4)]
+    assert -0.75 <= slopes[1] <= -0.3, slopes  # degenerate middle layer (§C.6: -0.505)
+    assert slopes[0] > -0.1, slopes  # first layer stays heterogeneous
+    assert slopes[3] < -0.3, slopes  # last hidden layer tends to rank one (L = 4)
+
+
+def test_middle_layer_degenerates_small() -> None:
+    """T-DEGEN (§D.3) at N in {128, 256, 512}; the full grid is the slow test below."""
+    check_degeneracy([128, 256, 512])
+
+
+@pytest.mark.slow
+def test_middle_layer_degenerates() -> None:
+    """T-DEGEN (§D.3): N in {128, ..., 1024}, lr 0.2, T = 4, 3 seeds."""
+    check_degeneracy([128, 256, 512, 1024])
+
+
+def test_araujo_frozen_ends_gap_shrinks_with_m() -> None:
+    """Araújo–Oliveira–Yukimura (xi_1 = xi_L = 0), L = 3, tau = 0.5: R_M vs S_M with shared
+    atoms; the ends never move and the gap shrinks with M while the output moves O(1)."""
+    widths, gaps = [64, 128, 256], []
+    for m in widths:
+        per_seed = []
+        for seed in range(3):
+            net = reduced_net([m, m], 0.5, seed, frozen=("input", "readout"))
+            brute, reduced, _, _ = solve_both(net)
+            per_seed.append(relative_gap(brute, reduced))
+            torch.testing.assert_close(reduced.fields["w3"], net.layer3.weight.detach())
+        gaps.append(np.mean(per_seed))
+    x = reduced_data()[0]
+    assert (reduced(x) - net(x)).norm() > 0.1 * net(x).norm()
+    assert gaps[-1] < 2e-2
+    assert loglog_slope(widths, gaps) < -0.5, gaps
+
+
+def antithetic_tanh_net(tau: float) -> MeanFieldMLP:
+    """tanh everywhere, w_1 ~ N(0, I), readout N(0, 1), middle mean 1; atoms in +/- pairs so that
+    their empirical laws are exactly symmetric, as the limit's laws are."""
+    net = MeanFieldMLP(
+        5,
+        [32, 32, 32],
+        activations=["tanh", "tanh", "tanh", "identity"],
+        init=[Normal(0.0, 1.0), Normal(1.0, tau), Normal(1.0, tau), Normal(0.0, 1.0)],
+        generator=torch.Generator().manual_seed(3),
+    )
+    with torch.no_grad():
+        net.layer1.weight[16:] = -net.layer1.weight[:16]
+        net.layer4.weight[:, 16:] = -net.layer4.weight[:, :16]
+    return net
+
+
+@pytest.mark.parametrize(
+    ("solver_class", "tau"), [(ReducedLimitSolver, 0.5), (ParticleLimitSolver, 0.0)]
+)
+def test_odd_first_activation_gives_stationary_limit(
+    solver_class: type[ReducedLimitSolver | ParticleLimitSolver], tau: float
+) -> None:
+    """Odd phi_1, symmetric rho^1, zero-mean readout: H_2* = 0 and every drift vanishes (§B.3)."""
+    x, y = reduced_data()
+    solver = solver_class(antithetic_tanh_net(tau), LR, loss="half_mse")
+    before = solver(x)
+    losses = solver.run((x, y), 10, progress=False)
+    assert (solver(x) - before).abs().max() < 1e-12
+    np.testing.assert_allclose(losses, losses[0], rtol=0, atol=1e-12)
+
+
+def test_odd_first_activation_warns_at_module_construction() -> None:
+    with pytest.warns(TrivialLimitWarning, match="odd first activation"):
+        MeanFieldModule(antithetic_tanh_net(0.5), lr=LR)
+
+
+def test_state_dict_round_trip_is_bit_identical(tmp_path) -> None:
+    data = reduced_data()
+    net = reduced_net([32, 32, 32, 32], 0.5)
+    solver = ReducedLimitSolver(net, LR)
+    solver.run(data, 3, progress=False)
+    torch.save(solver.state_dict(), tmp_path / "reduced.pt")
+    resumed = ReducedLimitSolver(net, LR)
+    resumed.load_state_dict(torch.load(tmp_path / "reduced.pt", weights_only=True))
+    assert resumed.steps == 3
+    solver.run(data, 2, progress=False)
+    resumed.run(data, 2, progress=False)
+    assert torch.equal(solver(data[0]), resumed(data[0]))
+    with pytest.raises(ValueError, match=r"lr=0\.1"):
+        ReducedLimitSolver(net, 0.2).load_state_dict(solver.state_dict())
+    with pytest.raises(ValueError, match="same architecture"):
+        ReducedLimitSolver(reduced_net([16, 32, 32, 32], 0.5), LR).load_state_dict(
+            solver.state_dict()
+        )
+
+
+def test_divergence_raises_and_keeps_the_state() -> None:
+    x, y = reduced_data()
+    solver = ReducedLimitSolver(reduced_net([16, 16, 16], 0.5), 1e6)
+    with pytest.raises(DivergenceError, match="reduced limit solver diverged"):
+        solver.run((x, y), 50, progress=False)
+    assert all(torch.isfinite(value).all() for value in solver.fields.values())
+
+
+def test_couple_is_not_implemented() -> None:
+    solver = ReducedLimitSolver(reduced_net([8, 8, 8], 0.5), LR)
+    with pytest.raises(NotImplementedError, match="ParticleLimitSolver"):
+        solver.couple([4, 4, 4])
+
+
+@pytest.mark.parametrize(
+    ("make_network", "match"),
+    [
+        (lambda: nn.Sequential(MeanFieldConv1d(1, 8, 3, role="input")), "`network`.*Particle"),
+        (
+            lambda: MeanFieldMLP(
+                5, [8, 8, 8], init=[Normal(), torch.nn.init.ones_, Normal(), Normal()]
+            ),
+            "`network` layer2 .*unknown mean.*Particle",
+        ),
+        (
+            lambda: MeanFieldMLP(5, [8, 8, 8], bias=True, bias_init=Normal(0.0, 1.0)),
+            "`network` layer2 has non-constant initial biases.*Particle",
+        ),
+        (
+            lambda: MeanFieldMLP(5, [8, 8], frozen=("layer1", "layer2", "layer3")),
+            "`network` has no trainable layer",
+        ),
+    ],
+)
+def test_refuses_networks_it_cannot_reduce(make_network, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ReducedLimitSolver(make_network(), LR)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [(dict(lr=0.0), "`lr`"), (dict(loss="l1"), "`loss`"), (dict(dtype=torch.int64), "`dtype`")],
+)
+def test_bad_constructor_arguments(kwargs: dict, argument: str) -> None:
+    with pytest.raises(ValueError, match=argument):
+        ReducedLimitSolver(reduced_net([8, 8, 8], 0.5), **{"lr": LR, **kwargs})
+
+
+def numpy_effective_rank(features: np.ndarray) -> float:
+    singular = np.linalg.svd(features, compute_uv=False)
+    p = singular / singular.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def test_effective_rank_matches_numpy() -> None:
+    features = torch.randn(50, 20, generator=torch.Generator().manual_seed(0))
+    assert effective_rank(features).item() == pytest.approx(numpy_effective_rank(features.numpy()))
+    rank_one = torch.outer(torch.randn(30), torch.rand(12) + 0.5)
+    assert effective_rank(rank_one).item() == pytest.approx(1.0, abs=1e-6)
+    assert effective_rank(torch.eye(7)).item() == pytest.approx(7.0)
+    assert effective_rank(torch.eye(3, dtype=torch.float32)).dtype == torch.float64
+    for bad in (torch.zeros(3, 3), torch.ones(3), torch.full((2, 2), float("nan"))):
+        with pytest.raises(ValueError, match="`features`"):
+            effective_rank(bad)
+
+
+def test_middle_displacement_variance_matches_numpy() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w_init, w_now = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    expected = np.var(w_now.numpy() - w_init.numpy())
+    assert middle_displacement_variance(w_now, w_init).item() == pytest.approx(expected)
+    assert middle_displacement_variance(w_init + 0.3, w_init).item() == pytest.approx(
+        0.0, abs=1e-30
+    )
+    with pytest.raises(ValueError, match="same shape"):
+        middle_displacement_variance(w_now, w_init[:, :4])

@@ -1,0 +1,338 @@
+"""Reliability: divergence stops cleanly, exact resume mid-epoch, safe loading, atomic writes, W&B.
+
+See docs/reliability.md for the guarantees these tests check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+
+import mflightning.io as mio
+import mflightning.wandb_logging as wl
+from mflightning import MeanFieldMLP, MeanFieldModule, Normal, ParticleLimitSolver
+from mflightning.callbacks import LimitTracker
+from mflightning.config import build
+from mflightning.data import IsotropicGaussians
+from mflightning.guards import DivergenceError
+from mflightning.sweep import SweepSettings, WidthSweep
+
+LAWS = [Normal(0.0, 1.0), Normal(1.0, 0.5), Normal(0.5, 1.0)]
+
+
+def _net(width: int = 16) -> MeanFieldMLP:
+    return MeanFieldMLP(10, [width, width], activations=["relu", "tanh", "identity"], init=LAWS)
+
+
+def _data(batch_size: int | None = None) -> IsotropicGaussians:
+    return IsotropicGaussians(n_train=64, n_val=16, batch_size=batch_size, seed=3)
+
+
+def _trainer(root: Path, max_steps: int, callbacks: list, **kwargs: Any) -> Trainer:
+    checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    defaults = dict(
+        default_root_dir=root, accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        enable_checkpointing=checkpoints, callbacks=callbacks,
+    )  # fmt: skip
+    return Trainer(**(defaults | kwargs))
+
+
+def _every_step_checkpoint(root: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1)
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((int(step or 0), dict(metrics)))
+
+
+# --- divergence -------------------------------------------------------------------------------
+
+
+def test_huge_lr_stops_training_with_step_time_layer_and_hint(tmp_path: Path) -> None:
+    module = MeanFieldModule(_net(), lr=1e4, loss="half_mse")
+    trainer = _trainer(tmp_path, 50, [_every_step_checkpoint(tmp_path / "ckpt")])
+    with pytest.raises(DivergenceError) as info:
+        trainer.fit(module, _data())
+    message = str(info.value)
+    step = trainer.global_step
+    assert 0 < step < 50, "the guard stopped at the first non-finite loss"
+    assert f"at step {step} " in message and f"mf_time {module.mf_time:.6g}" in message
+    assert "mf/layer" in message and "lower the lr" in message and "preset" in message
+    assert all(torch.isfinite(p).all() for p in module.parameters()), "no non-finite step taken"
+    saved = sorted(int(p.stem.split("step=")[1]) for p in (tmp_path / "ckpt").glob("*.ckpt"))
+    assert saved == list(range(1, step + 1))  # every good step kept, none after the divergence
+    last = torch.load(tmp_path / "ckpt" / f"epoch={step - 1}-step={step}.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_limit_solver_stops_on_a_non_finite_loss() -> None:
+    x, y = _data().train_set.tensors
+    solver = ParticleLimitSolver(_net(64), lr=1e4, loss="half_mse")
+    with pytest.raises(DivergenceError, match=r"limit solver diverged.*step \d+.*lower the lr"):
+        solver.run((x, y), steps=50, progress=False)
+    assert 0 < solver.steps < 50
+    assert all(torch.isfinite(p).all() for p in solver.network.parameters())
+
+
+def test_non_finite_batch_in_training_names_the_batch(tmp_path: Path) -> None:
+    data = _data()
+    data.train_set.tensors[0][5, 2] = math.nan
+    module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
+    with pytest.raises(ValueError, match=r"training `batch` at step 0 contains NaN.*clean"):
+        _trainer(tmp_path, 3, []).fit(module, data)
+
+
+def test_sweep_records_a_diverged_run_and_finishes_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = MeanFieldModule.with_network
+
+    def one_run_with_a_huge_lr(self: MeanFieldModule, network: MeanFieldMLP) -> MeanFieldModule:
+        module = original(self, network)
+        if network.widths == [16, 16] and torch.initial_seed() == 1:  # run N16-seed1
+            module.lr = 1e4
+        return module
+
+    monkeypatch.setattr(MeanFieldModule, "with_network", one_run_with_a_huge_lr)
+    settings = SweepSettings(widths=[16, 32], seeds=2, particles=64, every_n_steps=2,
+                             probe_size=16, out=str(tmp_path), wandb="disabled")  # fmt: skip
+    module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
+    sweep = WidthSweep(module, _data(16), steps=8, settings=settings, name="diverge")
+    with pytest.warns(UserWarning, match="N16-seed1 is recorded as diverged"):
+        report = sweep.run()
+    assert report["diverged_runs"] == ["N16-seed1"]
+    assert report["per_width"]["16"]["seeds"] == 1 and report["per_width"]["32"]["seeds"] == 2
+    saved = json.loads((tmp_path / "runs" / "N16-seed1.json").read_text())
+    assert saved["result"]["diverged"] is True
+    assert json.loads((tmp_path / "report.json").read_text())["diverged_runs"] == ["N16-seed1"]
+
+
+# --- exact resume, minibatch SGD on shuffled data ---------------------------------------------
+
+
+class InterruptAt(Callback):
+    """Emulates a Ctrl+C after optimizer step ``step`` (after that step's checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def _tracked_fit(root: Path, callbacks: list, ckpt_path: Path | None = None) -> tuple:
+    torch.manual_seed(0)
+    module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
+    probe = _data().val_set.tensors
+    tracker = LimitTracker(particles=64, every_n_steps=2, probe=probe)
+    logger = MemoryLogger()
+    trainer = _trainer(root, 11, [tracker, *callbacks], logger=logger, enable_checkpointing=True)
+    trainer.fit(module, _data(batch_size=16), ckpt_path=ckpt_path)  # 4 batches per epoch
+    return module, tracker, logger
+
+
+def test_interrupted_minibatch_fit_resumes_bit_identically(tmp_path: Path) -> None:
+    full_module, full_tracker, full_logger = _tracked_fit(tmp_path / "full", [])
+    ckpt = tmp_path / "ckpt"
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT during its shutdown
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown after a KeyboardInterrupt
+            _tracked_fit(tmp_path / "cut", [_every_step_checkpoint(ckpt), InterruptAt(6)])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert not (ckpt / "epoch=1-step=6.ckpt").exists()  # interrupted before its checkpoint
+    mid_epoch = ckpt / "epoch=1-step=5.ckpt"  # step 5 is the 1st of the 4 batches of epoch 1
+    state = torch.load(mid_epoch, weights_only=True)
+    loader_states = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_states == [{"epoch": 1, "batches": 1}]  # the data position is saved
+    module, tracker, logger = _tracked_fit(tmp_path / "resumed", [], ckpt_path=mid_epoch)
+    for a, b in zip(full_module.parameters(), module.parameters(), strict=True):
+        assert torch.equal(a, b)
+    full_particles = full_tracker.solver.state_dict()["particles"]
+    particles = tracker.solver.state_dict()["particles"]
+    assert all(torch.equal(full_particles[k], particles[k]) for k in full_particles)
+    assert tracker.solver.steps == full_tracker.solver.steps == 11
+    full = {step: m for step, m in full_logger.records if "limit/output_gap" in m}
+    resumed = {step: m for step, m in logger.records if "limit/output_gap" in m}
+    assert sorted(resumed) == [5, 6, 8, 10]  # the resumed fit also logs at its first step
+    assert all(resumed[s] == full[s] for s in (6, 8, 10))
+
+
+def test_sweep_limit_sees_the_trainer_data_order_over_several_epochs() -> None:
+    """The limit is recorded on the batches the runs' Trainer feeds (epoch orders differ)."""
+    data = _data(batch_size=16)
+    loader = data.train_dataloader()
+    epochs = [[x for x, _ in loader] for _ in range(2)]  # re-iterating: the next epoch
+    assert not all(torch.equal(a, b) for a, b in zip(*epochs, strict=True))
+    seen: list[torch.Tensor] = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer: Trainer, module: Any, batch: Any, i: int) -> None:
+            seen.append(batch[0])
+
+    module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
+    _trainer(Path("."), 8, [Record()], default_root_dir=None).fit(module, data)
+    assert all(torch.equal(a, b) for a, b in zip(seen, epochs[0] + epochs[1], strict=True))
+
+
+# --- safe loading -------------------------------------------------------------------------------
+
+
+class Exploit:
+    """A pickle that creates ``marker`` when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def _plant(path: Path, marker: Path) -> Path:
+    torch.save({"state_dict": {}, "payload": Exploit(marker)}, path)
+    return path
+
+
+def test_malicious_checkpoint_and_solver_state_are_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    bad = _plant(tmp_path / "bad.ckpt", marker)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        MeanFieldModule.load_from_checkpoint(bad)  # Lightning 2.6 + torch: weights_only default
+    module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
+    with pytest.raises(pickle.UnpicklingError):
+        _trainer(tmp_path, 2, []).fit(module, _data(), ckpt_path=bad)
+    solver = ParticleLimitSolver(_net(32), lr=0.1, loss="half_mse")
+    torch.save(solver.state_dict(), tmp_path / "solver.pt")
+    solver.load_state_dict(torch.load(tmp_path / "solver.pt", weights_only=True))  # plain data
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(_plant(tmp_path / "solver-bad.pt", marker), weights_only=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "class_path", ["os.system", "mflightning.io.atomic_write_text", "mflightning.module.Callback"]
+)
+def test_checkpoint_hparams_never_build_foreign_classes_or_call_functions(
+    tmp_path: Path, class_path: str
+) -> None:
+    marker = tmp_path / "pwned"
+    spec = {"class_path": class_path, "init_args": {"path": str(marker), "text": "x"}}
+    with pytest.raises(ValueError, match=r"refusing to build `class_path`.*pass the network"):
+        build(spec)
+    module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
+    _trainer(tmp_path, 1, [_every_step_checkpoint(tmp_path)]).fit(module, _data())
+    (path,) = tmp_path.glob("*.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["network"] = spec
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="refusing to build"):
+        MeanFieldModule.load_from_checkpoint(path)
+    assert not marker.exists()
+
+
+# --- atomic outputs -----------------------------------------------------------------------------
+
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "report.json"
+    mio.atomic_write_json(path, {"version": 1})
+    real_fdopen = os.fdopen
+
+    class Crashing:
+        def __init__(self, fd: int, mode: str) -> None:
+            self.file = real_fdopen(fd, mode)
+
+        def __enter__(self) -> Crashing:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+        def write(self, text: str) -> None:
+            self.file.write(text[: len(text) // 2])  # half written, then the disk "fails"
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mio.os, "fdopen", Crashing)
+    with pytest.raises(OSError, match="No space"):
+        mio.atomic_write_json(path, {"version": 2, "padding": "x" * 1000})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+# --- W&B without network ------------------------------------------------------------------------
+
+
+def test_online_without_login_falls_back_to_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.netrc
+    with pytest.warns(wl.WandbOfflineFallback, match=r"no API key.*wandb login.*offline"):
+        assert wl.resolve_mode("online") == "offline"
+    assert wl.resolve_mode("offline") == "offline"  # the default never probes
+
+
+@pytest.mark.parametrize("hang", [False, True])
+def test_online_without_network_falls_back_quickly(
+    monkeypatch: pytest.MonkeyPatch, hang: bool
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "https://api.wandb.invalid")
+    if hang:  # a DNS lookup or connect that never returns
+        monkeypatch.setattr(wl, "PROBE_TIMEOUT_S", 0.5)
+        monkeypatch.setattr(wl.socket, "create_connection", lambda *a, **k: time.sleep(30))
+    start = time.monotonic()
+    with pytest.warns(wl.WandbOfflineFallback, match=r"unreachable.*offline"):
+        assert wl.resolve_mode("auto") == "offline"
+    assert time.monotonic() - start < 10
+
+
+def test_offline_fallback_run_logs_without_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wl.WandbOfflineFallback)
+        mode = wl.resolve_mode("online")
+    start = time.monotonic()
+    logger = wl.run_logger(mode, tmp_path, "p", "g", "run", {"a": 1})
+    logger.log_metrics({"mf_time": 0.1, "limit/output_gap": 0.5}, step=1)
+    logger.experiment.finish()
+    assert mode == "offline" and time.monotonic() - start < 60
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
