@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint docs clean
+.PHONY: install demo test test-gpu test-slow lint docs clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check mflightning tests
 	$(PY) -m pytest -m "not slow" --timeout=600
+
+# on a GPU machine (see docs/benchmarks.md for the device set-up)
+test-gpu: $(STAMP)
+	$(PY) -m pytest tests/gpu -m gpu
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow --timeout=3600

@@ -1,0 +1,138 @@
+"""GPU correctness (skipped without CUDA): run on a GPU machine with `make test-gpu`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from mflightning import (
+    MeanFieldConv2d,
+    MeanFieldLinear,
+    MeanFieldMLP,
+    MeanFieldModule,
+    Normal,
+    ParticleLimitSolver,
+    param_groups,
+)
+from mflightning.cli import sweep
+from mflightning.data import IsotropicGaussians, isotropic_gaussians
+from mflightning.functional import output_gap
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+LAWS = [Normal(0.0, 1.0), Normal(1.0, 0.5), Normal(0.0, 1.0)]
+DEMO = str(Path(__file__).resolve().parents[2] / "recipes" / "demo_gaussians.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layers_match_cpu(dtype: torch.dtype) -> None:
+    for layer, shape in (
+        (MeanFieldLinear(64, 32, role="hidden"), (8, 64)),
+        (MeanFieldConv2d(8, 16, 3, bias=True), (4, 8, 10, 10)),
+    ):
+        layer = layer.to(dtype)
+        x = torch.randn(*shape, dtype=dtype)
+        expected = layer(x)
+        got = layer.cuda()(x.cuda()).cpu()
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def test_module_trains_on_gpu(tmp_path: Path) -> None:
+    module = MeanFieldModule(MeanFieldMLP(10, [256, 256], init=LAWS), lr=0.1, loss="half_mse")
+    trainer = Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=20,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, IsotropicGaussians(n_train=256, n_val=64))
+    assert next(module.parameters()).is_cuda and module.mf_time == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_solver_matches_cpu(dtype: torch.dtype) -> None:
+    net = MeanFieldMLP(10, [512, 512], activations="tanh", init=LAWS)
+    g = torch.Generator().manual_seed(0)
+    x, y = isotropic_gaussians(256, 10, 0.4, g)
+    cpu = ParticleLimitSolver(net, lr=0.1, loss="half_mse", dtype=dtype)
+    gpu = ParticleLimitSolver(net, lr=0.1, loss="half_mse", dtype=dtype, device="cuda")
+    for _ in range(20):
+        cpu.step(x, y)
+        gpu.step(x, y)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(gpu(x).cpu(), cpu(x), rtol=tol, atol=tol)
+
+
+def test_coupling_slope_at_larger_widths() -> None:
+    """T-COUPLE on a GPU: N up to 1024, M = 16384, float32 without TF32, 6 seeds."""
+    g = torch.Generator().manual_seed(0)
+    x, y = isotropic_gaussians(256, 10, 0.4, g)
+    probe, _ = isotropic_gaussians(512, 10, 0.4, g)
+    x, y, probe = x.cuda(), y.cuda(), probe.cuda()
+    net = MeanFieldMLP(
+        10,
+        [16384, 16384],
+        activations="tanh",
+        init=LAWS,
+        generator=torch.Generator().manual_seed(1),
+    )
+    solver = ParticleLimitSolver(net, lr=0.1, loss="half_mse", dtype=torch.float32, device="cuda")
+    widths, seeds = [128, 256, 512, 1024], 6
+    runs = {}
+    for n in widths:
+        for seed in range(seeds):
+            small, _ = solver.couple([n, n], generator=torch.Generator().manual_seed(seed))
+            runs[n, seed] = (small, torch.optim.SGD(param_groups(small, lr=0.1)))
+    for _ in range(100):
+        for small, opt in runs.values():
+            opt.zero_grad()
+            (0.5 * (small(x).squeeze(-1) - y).pow(2).mean()).backward()
+            opt.step()
+        solver.step(x, y)
+    limit = solver(probe)
+    rms = [
+        np.sqrt(
+            np.mean([float(output_gap(runs[n, s][0](probe), limit)) ** 2 for s in range(seeds)])
+        )
+        for n in widths
+    ]
+    slope = np.polyfit(np.log(widths), np.log(rms), 1)[0]
+    assert -0.75 <= slope <= -0.3, (rms, slope)
+
+
+def test_demo_sweep_on_gpu(tmp_path: Path) -> None:
+    report = sweep(
+        [
+            "--config",
+            DEMO,
+            "--trainer.accelerator=gpu",
+            "--trainer.max_steps=20",
+            "--widths",
+            "32,64",
+            "--seeds",
+            "2",
+            "--particles",
+            "512",
+            "--out",
+            str(tmp_path),
+            "--wandb",
+            "disabled",
+        ]
+    )
+    assert set(report["per_width"]) == {"32", "64"}
