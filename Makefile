@@ -19,7 +19,8 @@ demo: $(STAMP)
 	$(VENV)/bin/mfl sweep --config recipes/demo_gaussians.yaml --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m ruff check mflightning tests
+	$(PY) -m ruff check mflightning tests benchmarks
+	$(PY) -m mypy mflightning
 	$(PY) -m pytest -m "not slow" --timeout=600
 
 # on a GPU machine (see docs/benchmarks.md for the device set-up)

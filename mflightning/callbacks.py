@@ -239,9 +239,10 @@ class LimitTracker(Callback):
     ) -> None:
         """One solver step per optimizer step; log the gaps every ``every_n_steps``."""
         assert self.solver is not None
-        x, y = (
-            self.population if self.data == "population" else self._global_batch(pl_module, batch)
-        )
+        if self.population is not None and self.data == "population":
+            x, y = self.population
+        else:
+            x, y = self._global_batch(pl_module, batch)
         self.solver.step(x, y)
         if self.solver.steps != trainer.global_step:
             raise RuntimeError(

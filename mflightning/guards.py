@@ -34,16 +34,19 @@ class DivergenceError(RuntimeError):
 def update_sizes(optimizer: Optimizer) -> dict[str, Tensor]:
     """Size of the coming SGD update of each param group, ``lr * RMS(grad)``, as 0-d tensors.
 
-    Computed on the gradients' device without synchronising; groups without gradients are left
-    out and unnamed groups are called ``group<i>``.
+    Computed on the gradients' device without synchronising and without copies (one read of each
+    gradient, like the optimizer's own step); an overflowing norm reads ``inf``, which counts as
+    the largest. Groups without gradients are left out; unnamed groups are called ``group<i>``.
     """
     sizes = {}
     for i, group in enumerate(optimizer.param_groups):
         grads = [p.grad.detach() for p in group["params"] if p.grad is not None]
         if grads:
-            squares = sum(g.double().square().sum() for g in grads)
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            )
             count = sum(g.numel() for g in grads)
-            sizes[str(group.get("name", f"group{i}"))] = group["lr"] * (squares / count).sqrt()
+            sizes[str(group.get("name", f"group{i}"))] = group["lr"] * norm / math.sqrt(count)
     return sizes
 
 

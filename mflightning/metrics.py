@@ -259,8 +259,8 @@ class SlicedWasserstein(_LimitMetric):
         tensor(True)
     """
 
-    x: list[Tensor] | Tensor
-    y: list[Tensor] | Tensor
+    x: list[Tensor]  # torchmetrics concatenates "cat" states only inside compute/sync
+    y: list[Tensor]
 
     def __init__(self, n_projections: int = 64, p: float = 2, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -85,7 +85,7 @@ def plot_gap_scaling(
     )
     reference = aggregate[0] * (widths / widths[0]) ** -0.5
     ax.plot(widths, reference, ":", color="gray", label="N^-1/2 reference")
-    _log_axes(ax, widths)
+    _log_axes(ax, widths.tolist())
     ax.set_ylabel(label)
     ax.set_title(f"{label} vs width")
     ax.legend()

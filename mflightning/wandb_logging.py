@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 WandbMode = Literal["auto", "offline", "online", "disabled"]
 WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
+ResolvedMode = Literal["offline", "online", "disabled"]
 TIME_AXIS_METRICS = ("limit/*", "train/*", "val/*")
 DEFAULT_HOST = "https://api.wandb.ai"
 PROBE_TIMEOUT_S = 3.0
@@ -35,7 +36,7 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"unknown `wandb` mode {mode!r}; choose one of {WANDB_MODES}.")
 
 
-def resolve_mode(mode: str) -> Literal["offline", "online", "disabled"]:
+def resolve_mode(mode: str) -> ResolvedMode:
     """Turn ``"auto"`` into ``"online"`` (requested or logged in) or ``"offline"``.
 
     Online (asked for, or by ``"auto"``) needs an API key and the W&B host answering within
@@ -144,7 +145,7 @@ def run_logger(
 
 
 def log_summary(
-    mode: str,
+    mode: ResolvedMode,
     save_dir: Path,
     project: str,
     group: str,

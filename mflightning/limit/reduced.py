@@ -48,6 +48,13 @@ from mflightning.nn import MeanFieldLinear
 _USE_PARTICLES = "use mflightning.ParticleLimitSolver (brute force) for this network"
 
 
+def _law_mean(layer: MeanFieldLinear) -> float:
+    """The mean ``mu_i`` of a layer's init law (known: checked by :func:`_check_reducible`)."""
+    mean = layer.init_law.mean
+    assert mean is not None
+    return float(mean)
+
+
 def _check_reducible(network: object) -> list[MeanFieldLinear]:
     """The layers of a network whose limit the §B.3 systems describe.
 
@@ -60,7 +67,7 @@ def _check_reducible(network: object) -> list[MeanFieldLinear]:
             "`network` must be a MeanFieldMLP (fully connected, iid init) for the reduced solver "
             f"of §B.3, got {type(network).__name__}; {_USE_PARTICLES}."
         )
-    layers = network.layers
+    layers = [layer for layer in network.layers if isinstance(layer, MeanFieldLinear)]
     degenerate = range(2, len(layers) - 1) if len(layers) >= 4 else range(0)
     for i in degenerate:
         bias = layers[i - 1].bias
@@ -132,6 +139,7 @@ class ReducedLimitSolver(EulerSolver):
         device: torch.device | str | None = None,
     ) -> None:
         layers = _check_reducible(network)
+        assert isinstance(network, MeanFieldMLP)  # checked by _check_reducible
         check_solver_args(lr, loss, dtype)
         self.lr = float(lr)
         self._time_step = self.lr
@@ -143,7 +151,7 @@ class ReducedLimitSolver(EulerSolver):
             get_activation(name).fn for name in network.activation_names
         ]
         self._input_scale = layers[0].forward_scale
-        self._means = {i: float(layers[i - 1].init_law.mean) for i in range(2, self.depth)}
+        self._means = {i: _law_mean(layers[i - 1]) for i in range(2, self.depth)}
         self._fields: dict[str, Tensor] = {}
         self._multipliers: dict[str, float] = {}
         for name, value, multiplier, layer in self._initial_fields(layers):

@@ -52,12 +52,14 @@ def take_snapshot(
     coupling: Coupling | None = None,
 ) -> LimitSnapshot:
     """Read the solver's current output, loss and (coupled) ideal weights."""
+    output = solver(probe)
     loss = None
     if loss_data is not None:
         x, y = loss_data
-        loss = mean_field_loss(solver.loss, solver(x), y.to(solver.device))
+        prediction = output if x is probe else solver(x)  # the probe's targets: one evaluation
+        loss = mean_field_loss(solver.loss, prediction, y.to(solver.device))
     ideal = None if coupling is None else coupling.ideal_weights()
-    return LimitSnapshot(solver.time, solver(probe), loss, ideal)
+    return LimitSnapshot(solver.time, output, loss, ideal)
 
 
 def _finite(what: str, value: Tensor) -> Tensor:
@@ -91,7 +93,8 @@ def gaps_to_limit(
     values = {"limit/output_gap": output_gap(output, snapshot.output)}
     if loss_data is not None and snapshot.loss is not None:
         x, y = loss_data
-        network_loss = mean_field_loss(loss, finite(x), y.to(weight.device))
+        prediction = output if x is probe else finite(x)
+        network_loss = mean_field_loss(loss, prediction, y.to(weight.device))
         values["limit/loss_gap"] = loss_gap(_finite("loss", network_loss), snapshot.loss)
     if snapshot.ideal_weights is not None:
         # frozen layers never leave their ideal particles: their deviation is only rounding
