@@ -18,6 +18,7 @@ import csv
 import io
 import itertools
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,15 +28,16 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer, seed_everything
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mflightning.batched import SeedBatch
 from mflightning.callbacks import RecordedLimitTracker
 from mflightning.functional import neuron_spread
 from mflightning.guards import DivergenceError
 from mflightning.io import atomic_write_json, atomic_write_text, read_json
 from mflightning.limit import Coupling, ParticleLimitSolver
-from mflightning.limit.snapshot import LimitSnapshot, take_snapshot
+from mflightning.limit.snapshot import LimitSnapshot, gaps_to_limit, take_snapshot
 from mflightning.losses import correct_predictions
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
@@ -45,6 +47,7 @@ from mflightning.stack import MeanFieldStack
 from mflightning.wandb_logging import (
     WandbMode,
     check_mode,
+    log_run_history,
     log_summary,
     resolve_mode,
     run_logger,
@@ -68,6 +71,9 @@ class SweepSettings:
             ``"online"`` or ``"disabled"``.
         project: W&B project name.
         solver_dtype: ``"float64"`` (default, §E.2) or ``"float32"``.
+        batch_seeds: train the seeds of one width as one vmapped model
+            (:class:`~mflightning.batched.SeedBatch`) when the recipe uses plain SGD without a
+            scheduler; otherwise every run is its own Lightning fit.
     """
 
     widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
@@ -78,6 +84,7 @@ class SweepSettings:
     out: str | None = None
     wandb: WandbMode = "auto"
     project: str = "mflightning"
+    batch_seeds: bool = True
     solver_dtype: str = "float64"
 
     def validate(self) -> None:
@@ -243,6 +250,11 @@ class WidthSweep:
                 "seed its shuffling so every run and the limit see the same data order."
             )
 
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The training batch sequence of a run: one loader re-iterated, one pass per epoch."""
+        loader = self.datamodule.train_dataloader()
+        return itertools.chain.from_iterable(loader for _ in itertools.count())
+
     def _record_limit(
         self, couplings: dict[tuple[int, int], Coupling], probe: tuple[Tensor, Tensor]
     ) -> tuple[dict[tuple[int, int], dict[int, LimitSnapshot]], list[float]]:
@@ -250,9 +262,7 @@ class WidthSweep:
         solver = next(iter(couplings.values())).solver
         probe_x = probe[0]
         snapshots: dict[tuple[int, int], dict[int, LimitSnapshot]] = {key: {} for key in couplings}
-        # one loader, re-iterated: each pass is the next epoch's order, as in the runs' Trainer
-        loader = self.datamodule.train_dataloader()
-        batches = itertools.chain.from_iterable(loader for _ in itertools.count())
+        batches = self._batches()
         limit_loss = []
         for step in tqdm(range(self.steps + 1), desc="limit (particles)", leave=False):
             if step in self.log_steps:
@@ -331,36 +341,123 @@ class WidthSweep:
         finally:
             if wandb_logger is not None:
                 wandb_logger.experiment.finish()
-        return self._result(width, seed, module, tracker, probe, diverged)
+        return self._result(
+            (width, seed), module.network, tracker.history, tracker.train_losses, probe, diverged
+        )
 
     @torch.no_grad()
     def _result(
         self,
-        width: int,
-        seed: int,
-        module: MeanFieldModule,
-        tracker: RecordedLimitTracker,
+        key: tuple[int, int],
+        network: nn.Module,
+        history: list[dict[str, float]],
+        train_loss: list[float],
         probe: tuple[Tensor, Tensor],
         diverged: bool,
     ) -> RunResult:
-        network = module.network
+        """A run's result: its logged gaps and losses, final accuracy and neuron spread (§C.6)."""
         assert isinstance(network, MeanFieldStack)
+        if diverged:
+            return RunResult(*key, True, history, train_loss, math.nan, {})
         weight = next(network.parameters())
         x, y = probe[0].to(weight), probe[1].to(weight.device)
-        correct = correct_predictions(module.loss_name, network(x), y)
+        correct = correct_predictions(self.module.loss_name, network(x), y)
         hidden = network.hidden_preactivations(x)[:-1]
         spread = {f"layer{i + 1}": float(neuron_spread(h)) for i, h in enumerate(hidden)}
-        return RunResult(
-            width,
-            seed,
-            diverged,
-            tracker.history,
-            tracker.train_losses,
-            float(correct.mean()),
-            spread,
+        return RunResult(*key, False, history, train_loss, float(correct.mean()), spread)
+
+    # --- seed-batched runs --------------------------------------------------------------------
+
+    def _batchable(self) -> bool:
+        """Whether the recipe's training is plain SGD that :class:`SeedBatch` reproduces."""
+        if not self.settings.batch_seeds or self.module.scheduler_factory is not None:
+            return False
+        if self.module.rule != "sgd" or self.trainer_kwargs.get("precision") not in (
+            None,
+            "32-true",
+            "32",
+            32,
+            "64-true",
+            "64",
+            64,
+        ):
+            return False
+        probe = torch.nn.Parameter(torch.zeros(1))
+        optimizer = self.module.optimizer_factory([{"params": [probe], "lr": 1.0}])
+        group = optimizer.param_groups[0]
+        plain = ("momentum", "weight_decay", "dampening")
+        return type(optimizer) is torch.optim.SGD and not any(group.get(k, 0) for k in plain)
+
+    def _train_seeds(
+        self,
+        width: int,
+        seeds: list[int],
+        networks: dict[tuple[int, int], MeanFieldStack],
+        snapshots: dict[tuple[int, int], dict[int, LimitSnapshot]],
+        probe: tuple[Tensor, Tensor],
+    ) -> list[RunResult]:
+        """Train the ``seeds`` of one width as one :class:`SeedBatch` on the runs' batches."""
+        keys = [(width, seed) for seed in seeds]
+        batch = SeedBatch(
+            [networks[k] for k in keys], self.module.lr, self.module.loss_name, self.module.preset
         )
+        weight = next(batch.template.parameters())
+        history: dict[tuple[int, int], list[dict[str, float]]] = {k: [] for k in keys}
+        losses: dict[tuple[int, int], list[float]] = {k: [] for k in keys}
+        batches = self._batches()
+        for step in range(self.steps + 1):
+            if step in self.log_steps:
+                for s, key in enumerate(keys):
+                    if all(math.isfinite(v) for v in losses[key]):
+                        gaps = gaps_to_limit(
+                            batch.network(s),
+                            self.module.loss_name,
+                            snapshots[key][step],
+                            probe[0],
+                            probe,
+                        )
+                        mf_time = step * self.module.time_step
+                        history[key].append({"step": step} | gaps | {"mf_time": mf_time})
+            if step < self.steps:
+                x, y = next(batches)
+                y = y.to(weight.device, weight.dtype) if y.is_floating_point() else y
+                step_losses = batch.step(x.to(weight), y.to(weight.device)).tolist()
+                for key, value in zip(keys, step_losses, strict=True):
+                    losses[key].append(value)
+        results = []
+        for s, key in enumerate(keys):
+            diverged = not all(math.isfinite(v) for v in losses[key])
+            if diverged:
+                warnings.warn(f"run {self.run_name(*key)} is recorded as diverged", stacklevel=2)
+            results.append(
+                self._result(key, batch.network(s), history[key], losses[key], probe, diverged)
+            )
+            rows = [dict(row) for row in history[key]]
+            for step, value in enumerate(losses[key]):
+                rows.append(
+                    {"step": step, "train/loss": value, "mf_time": step * self.module.time_step}
+                )
+            rows.sort(key=lambda row: row["step"])
+            log_run_history(
+                self.wandb_mode,
+                self.out,
+                self.settings.project,
+                self.name,
+                self.run_name(*key),
+                self._config(width, key[1], networks[key]),
+                rows,
+            )
+        return results
 
     # --- the sweep ----------------------------------------------------------------------------
+
+    def _save(self, result: RunResult) -> RunResult:
+        """Write a finished run (atomically): an interrupted sweep keeps it."""
+        atomic_write_json(
+            self._run_path(result.width, result.seed),
+            {"steps": self.steps, "particles": self.particles, "result": asdict(result)},
+        )
+        return result
 
     def run(self) -> dict[str, Any]:
         """Run (or finish) the sweep and write the report folder; returns the report."""
@@ -389,20 +486,18 @@ class WidthSweep:
             atomic_write_json(
                 limit_path, {"train_loss": limit_loss, "time_step": self.module.time_step}
             )
-            with _quiet_lightning():
-                for width, seed in tqdm(todo, desc=f"sweep {self.name}"):
-                    result = self._train(
-                        width, seed, networks[width, seed], snapshots[width, seed], probe
-                    )
-                    atomic_write_json(
-                        self._run_path(width, seed),
-                        {
-                            "steps": self.steps,
-                            "particles": self.particles,
-                            "result": asdict(result),
-                        },
-                    )
-                    results[width, seed] = result
+            if self._batchable():
+                for width in tqdm(sorted({w for w, _ in todo}), desc=f"sweep {self.name} (widths)"):
+                    seeds = [s for w, s in todo if w == width]
+                    for result in self._train_seeds(width, seeds, networks, snapshots, probe):
+                        results[result.width, result.seed] = self._save(result)
+            else:
+                with _quiet_lightning():
+                    for width, seed in tqdm(todo, desc=f"sweep {self.name}"):
+                        result = self._train(
+                            width, seed, networks[width, seed], snapshots[width, seed], probe
+                        )
+                        results[width, seed] = self._save(result)
         limit_loss = read_json(limit_path)["train_loss"]
         return self._write_report(results, limit_loss)
 

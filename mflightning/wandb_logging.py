@@ -139,9 +139,44 @@ def run_logger(
         offline=mode == "offline",
         config=dict(config),
         reinit="finish_previous",
+        settings=_quiet_settings(),
     )
     define_time_axis(logger.experiment)
     return logger
+
+
+def log_run_history(
+    mode: ResolvedMode,
+    save_dir: Path,
+    project: str,
+    group: str,
+    name: str,
+    config: Mapping[str, Any],
+    steps: Sequence[Mapping[str, float]],
+) -> None:
+    """One W&B run replaying a finished run's logged rows (``{"step", "mf_time", ...}``).
+
+    Used for seed-batched sweep runs, which train outside Lightning: the run has the same group,
+    name, config and ``mf_time`` axis as a Lightning-logged one.
+    """
+    if mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(
+        project=project,
+        group=group,
+        name=name,
+        dir=str(save_dir),
+        mode=mode,
+        config=dict(config),
+        reinit="finish_previous",
+        settings=_quiet_settings(),
+    )
+    define_time_axis(run)
+    for row in steps:
+        run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+    run.finish()
 
 
 def log_summary(

@@ -7,6 +7,7 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from wandb_records import summarize
 
@@ -16,10 +17,20 @@ from mflightning.sweep import SweepSettings, WidthSweep
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = str(RECIPES / "demo_gaussians.yaml")
 TINY = [
-    "--trainer.max_steps=6", "--data.init_args.n_train=64", "--data.init_args.n_val=64",
-    "--widths", "16,32", "--seeds", "2", "--particles", "128", "--every_n_steps", "3",
-    "--probe_size", "64",
-]  # fmt: skip
+    "--trainer.max_steps=6",
+    "--data.init_args.n_train=64",
+    "--data.init_args.n_val=64",
+    "--widths",
+    "16,32",
+    "--seeds",
+    "2",
+    "--particles",
+    "128",
+    "--every_n_steps",
+    "3",
+    "--probe_size",
+    "64",
+]
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -68,8 +79,13 @@ def test_sweep_writes_one_offline_wandb_run_per_width_and_seed(
     out, _ = tiny_sweep
     runs = [summarize(p) for p in sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))]
     by_name = {run["name"]: run for run in runs}
-    assert set(by_name) == {"N16-seed0", "N16-seed1", "N32-seed0", "N32-seed1",
-                            "demo_gaussians-summary"}  # fmt: skip
+    assert set(by_name) == {
+        "N16-seed0",
+        "N16-seed1",
+        "N32-seed0",
+        "N32-seed1",
+        "demo_gaussians-summary",
+    }
     assert {run["group"] for run in runs} == {"demo_gaussians"}
     one = by_name["N32-seed1"]
     config = json.loads(one["config"]["sweep"])
@@ -95,7 +111,16 @@ def test_interrupted_sweep_keeps_finished_runs_and_resumes(
         return original(self, width, seed, *args)
 
     monkeypatch.setattr(WidthSweep, "_train", failing_train)
-    args = ["--config", DEMO, *TINY, "--out", str(tmp_path), "--wandb", "disabled"]
+    args = [
+        "--config",
+        DEMO,
+        *TINY,
+        "--out",
+        str(tmp_path),
+        "--wandb",
+        "disabled",
+        "--sweep.batch_seeds=false",
+    ]
     with pytest.raises(KeyboardInterrupt):
         sweep(args)
     finished = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
@@ -145,3 +170,43 @@ def test_every_recipe_parses(recipe: Path, capsys: pytest.CaptureFixture) -> Non
         main(["fit", "--config", str(recipe), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "model:" in capsys.readouterr().out
+
+
+def test_interrupted_batched_sweep_keeps_finished_widths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    original = WidthSweep._train_seeds
+
+    def failing_train_seeds(self, width, seeds, *args):
+        calls.append(width)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, width, seeds, *args)
+
+    monkeypatch.setattr(WidthSweep, "_train_seeds", failing_train_seeds)
+    args = ["--config", DEMO, *TINY, "--out", str(tmp_path), "--wandb", "disabled"]
+    with pytest.raises(KeyboardInterrupt):
+        sweep(args)
+    finished = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
+    assert finished == ["N16-seed0.json", "N16-seed1.json"]
+    calls.clear()
+    sweep(args)
+    assert calls == [32]
+
+
+def test_batched_and_lightning_sweeps_agree(tmp_path: Path) -> None:
+    """Seed-batched training (vmap) reproduces the run-by-run Lightning fits (float32)."""
+    common = ["--config", DEMO, *TINY, "--wandb", "disabled"]
+    batched = sweep([*common, "--out", str(tmp_path / "b")])
+    lightning = sweep([*common, "--out", str(tmp_path / "l"), "--sweep.batch_seeds=false"])
+    for width in ("16", "32"):
+        np.testing.assert_allclose(
+            batched["per_width"][width]["output_gap_per_seed"],
+            lightning["per_width"][width]["output_gap_per_seed"],
+            rtol=1e-4,
+        )
+        for layer, value in lightning["per_width"][width]["dev_median"].items():
+            assert batched["per_width"][width]["dev_median"][layer] == pytest.approx(
+                value, rel=1e-4
+            )
