@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from benchmarks import layers, module, reduced_vs_bruteforce, solver, tracker
+from benchmarks import layers, module, reduced_vs_bruteforce, solver, sweep, tracker
 from benchmarks.common import Profile, Settings, Table, environment, format_table, rows_for_json
 
 BENCHMARKS: dict[str, Callable[[Settings], Table]] = {
@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Table]] = {
     "solver": solver.run,
     "tracker": tracker.run,
     "reduced": reduced_vs_bruteforce.run,
+    "sweep": sweep.run,
 }
 
 

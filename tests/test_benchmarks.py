@@ -24,6 +24,7 @@ HEADERS = [
     "### solver: ",
     "### tracker: ",
     "### reduced: ",
+    "### sweep: ",
 ]
 
 
