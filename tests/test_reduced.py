@@ -3,7 +3,8 @@ T-DEGEN and T-ARAUJO; degeneracy diagnostics (§C.6)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -19,10 +20,13 @@ from mflightning import (
     ParticleLimitSolver,
     ReducedLimitSolver,
     TrivialLimitWarning,
+    param_groups,
 )
 from mflightning.degeneracy import effective_rank, middle_displacement_variance
-from mflightning.functional import neuron_spread
+from mflightning.functional import coupled_deviation, neuron_spread
 from mflightning.guards import DivergenceError
+from mflightning.losses import mean_field_loss
+from mflightning.scaling import mean_field_layers
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # middle weights exactly mu_i (§D.3)
 
@@ -316,9 +320,166 @@ def test_divergence_raises_and_keeps_the_state() -> None:
     assert all(torch.isfinite(value).all() for value in solver.fields.values())
 
 
-def test_couple_is_not_implemented() -> None:
-    solver = ReducedLimitSolver(reduced_net([8, 8, 8], 0.5), LR)
-    with pytest.raises(NotImplementedError, match="ParticleLimitSolver"):
+def biased_net(depth: int, widths: Sequence[int], frozen: Sequence[str] = ()) -> MeanFieldMLP:
+    """tau = 0 middle laws, iid end-atom and readout biases, constant degenerate biases."""
+    gen = torch.Generator().manual_seed(6)
+    net = MeanFieldMLP(
+        5,
+        widths,
+        activations=["relu"] + ["tanh"] * (depth - 2) + ["identity"],
+        init=[Normal(0.1, 1.0)] + [Normal(0.7, 0.0)] * (depth - 2) + [Normal(0.2, 1.0)],
+        bias=True,
+        bias_init=Normal(0.3, 0.0),
+        frozen=frozen,
+        generator=gen,
+    )
+    with torch.no_grad():
+        for i in {1, depth - 1, depth}:
+            net.layers[i - 1].bias.normal_(generator=gen)
+    return net
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Small matmuls run far faster on one thread on a loaded 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def layer_weights(net: nn.Module) -> dict[str, Tensor]:
+    return {name: layer.weight.detach() for name, layer in mean_field_layers(net)}
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4, 5])
+def test_ideal_weights_are_the_network_at_t0(depth: int) -> None:
+    """A fresh network with its own draws; ideal particles = its weights, float32 included."""
+    solver = ReducedLimitSolver(reduced_net([24] * (depth - 1), 0.5), LR)
+    widths = [6, 5, 4, 7][: depth - 1]
+    small, coupling = solver.couple(widths, generator=torch.Generator().manual_seed(3))
+    assert isinstance(small, MeanFieldMLP) and small.widths == widths
+    assert coupling.solver is solver and coupling.method == "ideal"
+    assert small.layer1.weight.dtype == torch.float64
+    ideal = coupling.ideal_weights()
+    assert ideal.keys() == layer_weights(small).keys()
+    for name, weight in layer_weights(small).items():
+        assert torch.equal(ideal[name], weight), name
+    again, _ = solver.couple(widths, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again.layer1.weight, small.layer1.weight)  # drawn from `generator`
+    small32, coupling32 = solver.couple(widths, dtype=torch.float32)
+    assert small32.layer1.weight.dtype == torch.float32
+    for name, weight in layer_weights(small32).items():
+        assert torch.equal(coupling32.ideal_weights()[name], weight.double()), name
+
+
+@pytest.mark.parametrize(
+    ("depth", "frozen"),
+    [(2, ())] + [(d, f) for d in (3, 4, 5) for f in [(), ("input", "readout")]],
+)
+def test_ideal_particles_match_subsampled_particles_at_tau0(
+    depth: int, frozen: tuple[str, ...]
+) -> None:
+    """tau = 0: a subsample of the brute-force particles and the same network coupled to R_M by
+    ideal-particle integration follow the same trajectories (§B.4 items 1 and 3); biases too."""
+    net = biased_net(depth, [40, 36, 30, 32][: depth - 1], frozen)
+    x, y = reduced_data(60)
+    brute = ParticleLimitSolver(net, LR)
+    small, subsampled = brute.couple([8, 7, 6, 5][: depth - 1], torch.Generator().manual_seed(2))
+    reduced, uncoupled = ReducedLimitSolver(net, LR), ReducedLimitSolver(net, LR)
+    same, ideal = reduced.couple(small.widths, network=small)
+    assert same is small
+    before = {name: weight.clone() for name, weight in layer_weights(small).items()}
+    brute_losses = brute.run((x, y), 10, progress=False)
+    losses = reduced.run((x, y), 10, progress=False)
+    assert losses == uncoupled.run((x, y), 10, progress=False)  # tracers add exactly zero
+    np.testing.assert_allclose(losses, brute_losses, rtol=0, atol=1e-13)
+    expected, got = subsampled.ideal_weights(), ideal.ideal_weights()
+    for name, weight in expected.items():
+        assert (weight - before[name]).abs().max() > 1e-4 or net.get_submodule(name).frozen
+        torch.testing.assert_close(got[name], weight, rtol=0, atol=1e-10)
+    expected, got = subsampled.ideal_biases(), ideal.ideal_biases()
+    assert got.keys() == expected.keys()
+    for name, bias in expected.items():
+        torch.testing.assert_close(got[name], bias, rtol=0, atol=1e-10)
+    assert all(torch.equal(layer_weights(small)[name], w) for name, w in before.items())
+
+
+def test_coupled_deviation_shrinks_with_width() -> None:
+    """§C.3 with R_M (M = 2048): networks with their own iid draws (tau = 0.5), trained by
+    full-batch GD (same lr and data), stay closer to their ideal particles as N grows.
+
+    Median over 4 seeds at T = 2; measured (layer1..layer4): N = 32 (0.011, 0.044, 0.053,
+    0.034), N = 64 (0.007, 0.022, 0.018, 0.013), N = 128 (0.006, 0.021, 0.019, 0.014); ratios
+    128/32 of 0.35-0.55 against 0.5 for N^-1/2 (per-seed values vary 4x, §C.3).
+    """
+    x, y = reduced_data()
+    medians = []
+    with single_thread():
+        for n in (32, 64, 128):
+            per_seed = []
+            for seed in range(4):
+                solver = ReducedLimitSolver(
+                    reduced_net([2048] * 3, 0.5, 100 + seed), LR, "half_mse"
+                )
+                small, coupling = solver.couple([n] * 3, torch.Generator().manual_seed(seed))
+                optimizer = torch.optim.SGD(param_groups(small, LR, rule="sgd"))
+                for _ in range(20):
+                    optimizer.zero_grad()
+                    mean_field_loss("half_mse", small(x), y).backward()
+                    optimizer.step()
+                    solver.step(x, y)
+                deviations = coupled_deviation(layer_weights(small), coupling.ideal_weights())
+                per_seed.append([deviations[f"layer{i}"].item() for i in range(1, 5)])
+            medians.append(np.median(per_seed, axis=0))
+    assert solver.time == pytest.approx(2.0)
+    assert all(medians[2] < 0.75 * medians[0]), medians
+    assert medians[0].max() < 0.1, medians
+
+
+def test_araujo_frozen_ends_ideal_weights() -> None:
+    """xi_1 = xi_L = 0: the frozen layers' ideal particles are their initial values; the middle
+    ones move (L = 4) and the trained network (N = 128) follows them: its deviation from them is
+    well below its own displacement (and shrinks with N: 0.04-0.15 at N = 32, 0.01-0.03 at 512)."""
+    x, y = reduced_data()
+    solver = ReducedLimitSolver(reduced_net([512] * 3, 0.5, frozen=("input", "readout")), LR)
+    small, coupling = solver.couple([128] * 3, torch.Generator().manual_seed(1))
+    start = {name: weight.clone() for name, weight in layer_weights(small).items()}
+    optimizer = torch.optim.SGD(param_groups(small, LR, rule="sgd"))
+    for _ in range(20):
+        optimizer.zero_grad()
+        mean_field_loss("mse", small(x), y).backward()
+        optimizer.step()
+        solver.step(x, y)
+    ideal = coupling.ideal_weights()
+    assert torch.equal(ideal["layer1"], start["layer1"])
+    assert torch.equal(ideal["layer4"], start["layer4"])
+    for name in ("layer2", "layer3"):  # measured: ideal 0.14, 0.15; net 0.15, 0.19; deviation 0.04
+        moved = (ideal[name] - start[name]).pow(2).mean().sqrt()
+        trained = layer_weights(small)[name]
+        deviation = (trained - ideal[name]).pow(2).mean().sqrt()
+        assert moved > 0.05 and deviation < 0.5 * (trained - start[name]).pow(2).mean().sqrt()
+
+
+def test_couple_refusals() -> None:
+    net = reduced_net([16, 16, 16], 0.5)
+    solver = ReducedLimitSolver(net, LR)
+    with pytest.raises(ValueError, match=r"`method`.*ParticleLimitSolver"):
+        solver.couple([4, 4, 4], method="subsample")
+    with pytest.raises(ValueError, match="`widths` must list 3"):
+        solver.couple([4, 4])
+    with pytest.raises(ValueError, match="`network` must be a MeanFieldMLP of the solver's"):
+        solver.couple([4, 4, 4], network=reduced_net([4, 4, 4], 0.5, frozen=("input",)))
+    with pytest.raises(ValueError, match="`network` must be a MeanFieldMLP of the solver's"):
+        solver.couple([4, 4, 8], network=reduced_net([4, 4, 4], 0.5))
+    state = solver.state_dict()
+    solver.couple([4, 4, 4])
+    with pytest.raises(ValueError, match="coupled networks"):
+        solver.load_state_dict(state)
+    solver.step(*reduced_data())
+    with pytest.raises(ValueError, match="couple the network at t = 0"):
         solver.couple([4, 4, 4])
 
 

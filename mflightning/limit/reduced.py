@@ -28,18 +28,22 @@ atoms a field's gradient is averaged over, as the §1.2 multipliers are for the 
 The solver therefore takes autograd gradients of :func:`~mflightning.losses.mean_field_loss` on the
 reduced forward pass and makes the explicit-Euler step ``f <- f - lr * multiplier * dLoss/df``,
 the same discretisation as full-batch GD of :class:`~mflightning.ParticleLimitSolver`.
+
+Networks are coupled by ideal-particle integration (§B.4 item 3): their end-layer neurons ride
+along as zero-valued tracer terms of the same forward pass (:mod:`mflightning.limit.ideal`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mflightning.activations import get_activation
 from mflightning.guards import DivergenceError, divergence_message
+from mflightning.limit.ideal import IdealCoupling, ghost, tracer_fields
 from mflightning.limit.solver import EulerSolver, check_solver_args
 from mflightning.losses import LossName, mean_field_loss
 from mflightning.mlp import MeanFieldMLP
@@ -105,8 +109,8 @@ class ReducedLimitSolver(EulerSolver):
     Build the solver from the network at initialization (t = 0): only its end layers and its
     laws are read, and iid draws are assumed, not checked. The means are used exactly as the laws
     state them; in a float32 network constant middle weights are rounded (``0.8`` becomes
-    ``0.800000011920929``), so compare with the brute force on a float64 network. Coupling by
-    ideal-particle integration (§B.4 item 3) is not implemented (:meth:`couple` raises).
+    ``0.800000011920929``), so compare with the brute force on a float64 network. Networks are
+    coupled by ideal-particle integration (§B.4 item 3, :meth:`couple`), at t = 0.
 
     State (:attr:`fields`): ``"w1"`` (M_1, d); L = 2: ``"w2"`` (out, M_1); L = 3: ``"g2"``
     (M_3, M_1) and ``"w3"`` (out, M_3); L >= 4: ``"g2"`` (M_1,), ``"w<i>#"`` (scalars,
@@ -163,6 +167,8 @@ class ReducedLimitSolver(EulerSolver):
             raise ValueError("`network` has no trainable layer: every layer is frozen.")
         self._update_sizes: dict[str, Tensor] = {}  # lr * multiplier * RMS grad, last step
         self._steps = 0
+        self._network = network  # the architecture of coupled networks (with_widths)
+        self._tracers: list[tuple[dict[str, Tensor], list[str]]] = []  # (fields, trainable names)
 
     def _initial_fields(
         self, layers: Sequence[MeanFieldLinear]
@@ -196,29 +202,53 @@ class ReducedLimitSolver(EulerSolver):
         """The reduced state at the current time (detached views; see the class docstring)."""
         return {name: value.detach() for name, value in self._fields.items()}
 
-    def _forward(self, x: Tensor) -> Tensor:
-        """``yhat(x)`` of the §B.3 system for the current state (autograd-tracked)."""
+    def _forward(self, x: Tensor, tracers: Sequence[dict[str, Tensor]] = ()) -> Tensor:
+        """``yhat(x)`` of the §B.3 system for the current state (autograd-tracked).
+
+        Each tracer set (:mod:`mflightning.limit.ideal`) adds ``ghost(z) / M`` terms to the
+        population averages: zero in value, with the gradient its tracers' ODEs need. Inside a
+        tracer term the atoms' features are detached, so the atoms' gradients are unchanged.
+        """
         f, phi, mu, depth = self._fields, self._activations, self._means, self.depth
 
-        def bias(i: int) -> Tensor | float:
-            return f.get(f"b{i}", 0.0)
+        def bias(i: int, fields: dict[str, Tensor] = f) -> Tensor | float:
+            return fields.get(f"b{i}", 0.0)
 
-        # phi_1(H_1(x, u_1)), (P, M_1)
-        a1 = phi[0](self._input_scale * (x @ f["w1"].T) + bias(1))
+        def first(fields: dict[str, Tensor]) -> Tensor:  # phi_1(H_1(x, u_1)), (P, n)
+            return phi[0](self._input_scale * (x @ fields["w1"].T) + bias(1, fields))
+
+        a1, tracer_a1 = first(f), [first(t) for t in tracers]
         m1 = a1.shape[1]
+        readout = f[f"w{depth}"]
+        m_last = readout.shape[1]
         if depth == 2:
-            last = a1
+            out = a1 @ readout.T / m1
+            for t, a in zip(tracers, tracer_a1, strict=True):
+                out = out + ghost(a @ t["w2"].T) / m1
         elif depth == 3:  # H_2(x, u_3) = E_{U_1}[(mu_2 + g_2(U_1, u_3)) phi_1(H_1(x, U_1))]
-            last = phi[1](a1 @ (mu[2] + f["g2"]).T / m1 + bias(2))
+            h2 = a1 @ (mu[2] + f["g2"]).T / m1 + bias(2)
+            for t, a in zip(tracers, tracer_a1, strict=True):  # the tracers u_1 x atoms U_3
+                h2 = h2 + ghost(a @ (mu[2] + t["g2:atoms3"]).T) / m1
+            out = phi[1](h2) @ readout.T / m_last
+            for t, a in zip(tracers, tracer_a1, strict=True):  # atoms U_1 (and tracers) x u_3
+                h2_own = a1.detach() @ (mu[2] + t["g2:atoms1"]).T / m1 + bias(2, t)
+                h2_own = h2_own + ghost(a.detach() @ t["g2"].T) / m1
+                out = out + ghost(phi[1](h2_own) @ t["w3"].T) / m_last
         else:
             h = a1 @ (mu[2] + f["g2"]) / m1 + bias(2)  # H_2*(x)
+            for t, a in zip(tracers, tracer_a1, strict=True):
+                h = h + ghost(a @ (mu[2] + t["g2"])) / m1
             for i in range(3, depth - 1):  # H_i*(x) = (mu_i + w_i#) phi_{i-1}(H_{i-1}*(x))
                 h = (mu[i] + f[f"w{i}#"]) * phi[i - 2](h) + bias(i)
             # H_{L-1}(x, u_L) = (mu_{L-1} + g_{L-1}(u_L)) phi_{L-2}(H_{L-2}*(x)): rank one
-            gain = mu[depth - 1] + f[f"g{depth - 1}"]
-            last = phi[depth - 2](phi[depth - 3](h)[:, None] * gain + bias(depth - 1))
-        readout = f[f"w{depth}"]
-        return phi[depth - 1](last @ readout.T / readout.shape[1] + bias(depth))
+            feature, name = phi[depth - 3](h), f"g{depth - 1}"
+            last = phi[depth - 2](feature[:, None] * (mu[depth - 1] + f[name]) + bias(depth - 1))
+            out = last @ readout.T / m_last
+            for t in tracers:
+                gain = mu[depth - 1] + t[name]
+                own = phi[depth - 2](feature.detach()[:, None] * gain + bias(depth - 1, t))
+                out = out + ghost(own @ t[f"w{depth}"].T) / m_last
+        return phi[depth - 1](out + bias(depth))
 
     def _euler_step(self, x: Tensor, y: Tensor) -> float:
         """One Euler step ``f <- f - lr * multiplier * dLoss/df``; returns the loss before it.
@@ -227,19 +257,29 @@ class ReducedLimitSolver(EulerSolver):
             DivergenceError: the loss is not finite (the state is left as it was).
         """
         names = list(self._multipliers)
-        loss = mean_field_loss(self.loss, self._forward(x), y)
+        tracers = [tracer for tracer, _ in self._tracers]
+        loss = mean_field_loss(self.loss, self._forward(x, tracers), y)
         if not torch.isfinite(loss):
             what = f"the loss is {loss.item()}"
             message = divergence_message(
                 "reduced limit solver", what, self._steps, self.time, self._update_sizes
             )
             raise DivergenceError(message)
-        grads = torch.autograd.grad(loss, [self._fields[name] for name in names])
+        moving = [
+            (t[name], self._multipliers[name.split(":")[0]])
+            for t, names_t in self._tracers
+            for name in names_t
+        ]
+        grads = torch.autograd.grad(
+            loss, [self._fields[name] for name in names] + [field for field, _ in moving]
+        )
         with torch.no_grad():
-            for name, grad in zip(names, grads, strict=True):
+            for name, grad in zip(names, grads, strict=False):
                 step = self.lr * self._multipliers[name]
                 self._update_sizes[name] = step * grad.double().square().mean().sqrt()
                 self._fields[name].sub_(grad, alpha=step)
+            for (field, multiplier), grad in zip(moving, grads[len(names) :], strict=True):
+                field.sub_(grad, alpha=self.lr * multiplier)
         self._steps += 1
         return loss.item()
 
@@ -251,17 +291,94 @@ class ReducedLimitSolver(EulerSolver):
         self._check_device("x", x)
         return self._forward(x.to(device=self.device, dtype=self.dtype))
 
-    def couple(self, widths: Sequence[int], generator: torch.Generator | None = None) -> NoReturn:
-        """Not implemented: ideal-particle coupling (§B.4 item 3) of a network to R_M.
+    def couple(
+        self,
+        widths: Sequence[int],
+        generator: torch.Generator | None = None,
+        method: str = "ideal",
+        dtype: torch.dtype | None = None,
+        network: MeanFieldMLP | None = None,
+    ) -> tuple[MeanFieldMLP, IdealCoupling]:
+        """Couple a width-``widths`` network by ideal-particle integration (§B.4 item 3).
+
+        The network keeps its own iid initial values ``u`` (it is *not* a subsample of the
+        atoms); each of its neurons gets the ideal particle integrated from ``u`` under the
+        deterministic limit fields (see :class:`~mflightning.limit.ideal.IdealCoupling`). Its
+        first-layer rows and readout columns become *tracers* of the solver
+        (:mod:`mflightning.limit.ideal`) that advance with every later :meth:`step`/:meth:`run`.
+
+        Couple at t = 0, before any step: the ideal particles start from the network's
+        initial values at the solver's initial time. Couplings are not part of
+        :meth:`state_dict`, so a coupled run cannot be resumed (:meth:`load_state_dict` refuses).
+
+        Cost: each coupling adds, per step, O(n_1 P d) for its first-layer tracers and
+        O(n_{L-1} P) for its readout tracers (O(n_{L-1} M_1 P + n_1 M_3 P + n_1 n_2 P) for
+        L = 3, whose tracers need the table g against the atoms); memory O(n_1 d + n_{L-1})
+        (L = 3: O(n_1 M_3 + n_2 M_1 + n_1 n_2)). The solver's own state and outputs are
+        unchanged (the tracer terms are exactly zero).
+
+        Args:
+            widths: hidden widths ``n_1 .. n_{L-1}`` of the coupled network.
+            generator: CPU generator for the fresh network's initial weights (``None``: torch's
+                global one); unused when ``network`` is given.
+            method: ``"ideal"`` (the only coupling of the reduced solver).
+            dtype: dtype of the fresh network (default: the solver's); the ideal particles are in
+                the solver's dtype.
+            network: couple this network (at its initialization) instead of drawing a fresh one:
+                same architecture as the solver's network, with widths ``widths``; it is not
+                modified (its current weights are read as ``u``) and is returned.
+
+        Returns:
+            ``(network, coupling)``; at t = 0 ``coupling.ideal_weights()`` equals the network's
+            weights (in the solver's dtype).
 
         Raises:
-            NotImplementedError: always; couple networks to a ParticleLimitSolver instead.
+            ValueError: the solver has already stepped, or a bad ``widths``, ``method``,
+                ``generator``, ``dtype`` or ``network``.
         """
-        raise NotImplementedError(
-            "ReducedLimitSolver.couple is not implemented: coupling by ideal-particle integration "
-            "(mf-theory.md §B.4 item 3) is future work; couple the network to a "
-            "mflightning.ParticleLimitSolver (subsampling) instead."
-        )
+        if self._steps != 0:
+            raise ValueError(
+                f"couple the network at t = 0: the solver has taken {self._steps} steps, and the "
+                "ideal particles start from the network's initial values at the solver's start; "
+                "build a fresh ReducedLimitSolver and couple before stepping it."
+            )
+        if method != "ideal":
+            raise ValueError(
+                f"unknown `method` {method!r}: the reduced solver couples by ideal-particle "
+                "integration only ('ideal', §B.4 item 3); subsampling needs a ParticleLimitSolver."
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"`generator` must be a torch.Generator or None, got {type(generator).__name__}."
+            )
+        if dtype is not None and (
+            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+        ):
+            raise ValueError(f"`dtype` must be a floating torch dtype or None, got {dtype!r}.")
+        template = self._network
+        if isinstance(widths, (int, str)) or len(widths) != self.depth - 1:
+            raise ValueError(
+                f"`widths` must list {self.depth - 1} hidden widths (one per hidden layer of the "
+                f"solver's network), got {widths!r}."
+            )
+        if network is None:
+            small = template.with_widths(widths, generator=generator)
+            small.to(device=self.device, dtype=dtype or self.dtype)
+        else:
+            expected = template.with_widths(widths, generator=torch.Generator()).to_config()
+            if not isinstance(network, MeanFieldMLP) or network.to_config() != expected:
+                raise ValueError(
+                    "`network` must be a MeanFieldMLP of the solver's architecture with widths "
+                    f"{list(widths)} (same laws, activations, biases and frozen layers)."
+                )
+            _check_reducible(network)
+            small = network
+        tracers = tracer_fields(small, self.fields, self.dtype, self.device)
+        trainable = [name for name in tracers if name.split(":")[0] in self._multipliers]
+        for name in trainable:
+            tracers[name].requires_grad_(True)
+        self._tracers.append((tracers, trainable))
+        return small, IdealCoupling(self, small, tracers)
 
     def state_dict(self) -> dict[str, Any]:
         """Fields, step count, ``lr`` and ``loss``: plain tensors/ints/floats/strings.
@@ -279,8 +396,14 @@ class ReducedLimitSolver(EulerSolver):
         """Resume exactly from :meth:`state_dict` (same architecture, ``lr`` and ``loss``).
 
         Raises:
-            ValueError: another ``lr`` or ``loss``, or fields of another architecture.
+            ValueError: another ``lr`` or ``loss``, fields of another architecture, or a solver
+                with couplings (their tracers are not saved).
         """
+        if self._tracers:
+            raise ValueError(
+                "this solver has coupled networks (couple): their tracers are not part of the "
+                "state, so it cannot jump to a saved time; load into a solver without couplings."
+            )
         self._check_saved(state_dict)
         saved = state_dict["fields"]
         shapes = {name: tuple(value.shape) for name, value in self._fields.items()}
