@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from mflightning import ParticleLimitSolver, param_groups
+from mflightning.functional import output_gap
+from mflightning.losses import mean_field_loss
+
 
 def loglog_slope(widths: list[int] | np.ndarray, values: list[float] | np.ndarray) -> float:
     """Least-squares slope of log(value) against log(width)."""
@@ -28,3 +32,40 @@ def float64_default() -> Iterator[None]:
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+def coupled_output_gaps(
+    solver: ParticleLimitSolver,
+    widths: list[int],
+    seeds: int,
+    data: tuple[torch.Tensor, torch.Tensor],
+    probe: torch.Tensor,
+    steps: int,
+) -> list[float]:
+    """RMS over seeds of the output gap after ``steps`` lockstep full-batch steps (§C.1).
+
+    Every (width, seed) network is an independent subsample of the particles (§B.4), trained
+    by SGD with the §1.2 groups at the solver's lr, on loss 1/2 (yhat - y)^2 like the solver.
+    """
+    x, y = data
+    runs = {}
+    for width in widths:
+        for seed in range(seeds):
+            layers = [width] * len(solver.network.widths)
+            small, _ = solver.couple(layers, generator=torch.Generator().manual_seed(seed))
+            runs[width, seed] = (small, torch.optim.SGD(param_groups(small, lr=solver.lr)))
+    for _ in range(steps):
+        for small, optimizer in runs.values():
+            optimizer.zero_grad()
+            mean_field_loss("half_mse", small(x), y).backward()
+            optimizer.step()
+        solver.step(x, y)
+    limit = solver(probe)
+    return [
+        float(
+            np.sqrt(
+                np.mean([float(output_gap(runs[w, s][0](probe), limit)) ** 2 for s in range(seeds)])
+            )
+        )
+        for w in widths
+    ]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import loglog_slope
+from conftest import coupled_output_gaps, loglog_slope
 
-from mflightning import MeanFieldConvNet, MeanFieldModule, Normal, ParticleLimitSolver, param_groups
+from mflightning import MeanFieldConvNet, MeanFieldModule, Normal, ParticleLimitSolver
 from mflightning.config import build
-from mflightning.functional import output_gap
 
 LAWS = [Normal(0.0, 1.0), Normal(1.0, 0.5), Normal(0.0, 1.0)]
 
@@ -73,24 +71,6 @@ def test_coupled_output_gap_shrinks_with_the_channel_count() -> None:
     solver = ParticleLimitSolver(
         _net(256, generator=torch.Generator().manual_seed(1)), lr=lr, loss="half_mse"
     )
-    pairs = {}
-    for c in channels:
-        for seed in range(seeds):
-            small, _ = solver.couple([c, c], generator=torch.Generator().manual_seed(seed))
-            opt = torch.optim.SGD(param_groups(small, lr=lr))
-            pairs[c, seed] = (small, opt)
-    for _ in range(steps):
-        for small, opt in pairs.values():
-            opt.zero_grad()
-            (0.5 * (small(x).squeeze(-1) - y).pow(2).mean()).backward()
-            opt.step()
-        solver.step(x, y)
-    limit = solver(probe)
-    rms = [
-        np.sqrt(
-            np.mean([float(output_gap(pairs[c, s][0](probe), limit)) ** 2 for s in range(seeds)])
-        )
-        for c in channels
-    ]
+    rms = coupled_output_gaps(solver, channels, seeds, (x, y), probe, steps)
     slope = loglog_slope(channels, rms)
     assert -0.8 <= slope <= -0.3, (rms, slope)

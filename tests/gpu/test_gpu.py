@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import coupled_output_gaps
 from lightning.pytorch import Trainer
 
 from mflightning import (
@@ -16,11 +17,9 @@ from mflightning import (
     MeanFieldModule,
     Normal,
     ParticleLimitSolver,
-    param_groups,
 )
 from mflightning.cli import sweep
 from mflightning.data import IsotropicGaussians, isotropic_gaussians
-from mflightning.functional import output_gap
 
 pytestmark = [
     pytest.mark.gpu,
@@ -93,25 +92,8 @@ def test_coupling_slope_at_larger_widths() -> None:
         generator=torch.Generator().manual_seed(1),
     )
     solver = ParticleLimitSolver(net, lr=0.1, loss="half_mse", dtype=torch.float32, device="cuda")
-    widths, seeds = [128, 256, 512, 1024], 6
-    runs = {}
-    for n in widths:
-        for seed in range(seeds):
-            small, _ = solver.couple([n, n], generator=torch.Generator().manual_seed(seed))
-            runs[n, seed] = (small, torch.optim.SGD(param_groups(small, lr=0.1)))
-    for _ in range(100):
-        for small, opt in runs.values():
-            opt.zero_grad()
-            (0.5 * (small(x).squeeze(-1) - y).pow(2).mean()).backward()
-            opt.step()
-        solver.step(x, y)
-    limit = solver(probe)
-    rms = [
-        np.sqrt(
-            np.mean([float(output_gap(runs[n, s][0](probe), limit)) ** 2 for s in range(seeds)])
-        )
-        for n in widths
-    ]
+    widths = [128, 256, 512, 1024]
+    rms = coupled_output_gaps(solver, widths, 6, (x, y), probe, steps=100)
     slope = np.polyfit(np.log(widths), np.log(rms), 1)[0]
     assert -0.75 <= slope <= -0.3, (rms, slope)
 
