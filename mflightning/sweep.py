@@ -396,7 +396,11 @@ class WidthSweep:
         snapshots: dict[tuple[int, int], dict[int, LimitSnapshot]],
         probe: tuple[Tensor, Tensor],
     ) -> list[RunResult]:
-        """Train the ``seeds`` of one width as one :class:`SeedBatch` on the runs' batches."""
+        """Train the ``seeds`` of one width as one :class:`SeedBatch` on the runs' batches.
+
+        A seed whose loss or probe output turns non-finite is recorded as diverged; the others
+        go on (the seeds do not mix inside the vmapped step).
+        """
         keys = [(width, seed) for seed in seeds]
         batch = SeedBatch(
             [networks[k] for k in keys], self.module.lr, self.module.loss_name, self.module.preset
@@ -404,18 +408,23 @@ class WidthSweep:
         weight = next(batch.template.parameters())
         history: dict[tuple[int, int], list[dict[str, float]]] = {k: [] for k in keys}
         losses: dict[tuple[int, int], list[float]] = {k: [] for k in keys}
+        diverged: set[tuple[int, int]] = set()
         batches = self._batches()
         for step in range(self.steps + 1):
             if step in self.log_steps:
                 for s, key in enumerate(keys):
-                    if all(math.isfinite(v) for v in losses[key]):
-                        gaps = gaps_to_limit(
-                            batch.network(s),
-                            self.module.loss_name,
-                            snapshots[key][step],
-                            probe[0],
-                            probe,
-                        )
+                    if key not in diverged:
+                        try:
+                            gaps = gaps_to_limit(
+                                batch.network(s),
+                                self.module.loss_name,
+                                snapshots[key][step],
+                                probe[0],
+                                probe,
+                            )
+                        except DivergenceError:
+                            diverged.add(key)
+                            continue
                         mf_time = step * self.module.time_step
                         history[key].append({"step": step} | gaps | {"mf_time": mf_time})
             if step < self.steps:
@@ -424,30 +433,43 @@ class WidthSweep:
                 step_losses = batch.step(x.to(weight), y.to(weight.device)).tolist()
                 for key, value in zip(keys, step_losses, strict=True):
                     losses[key].append(value)
+                    if not math.isfinite(value):
+                        diverged.add(key)
         results = []
         for s, key in enumerate(keys):
-            diverged = not all(math.isfinite(v) for v in losses[key])
-            if diverged:
+            if key in diverged:
                 warnings.warn(f"run {self.run_name(*key)} is recorded as diverged", stacklevel=2)
+            network = batch.network(s)
+            assert isinstance(network, MeanFieldStack)  # a copy of networks[key]
             results.append(
-                self._result(key, batch.network(s), history[key], losses[key], probe, diverged)
+                self._result(key, network, history[key], losses[key], probe, key in diverged)
             )
-            rows = [dict(row) for row in history[key]]
-            for step, value in enumerate(losses[key]):
-                rows.append(
-                    {"step": step, "train/loss": value, "mf_time": step * self.module.time_step}
-                )
-            rows.sort(key=lambda row: row["step"])
-            log_run_history(
-                self.wandb_mode,
-                self.out,
-                self.settings.project,
-                self.name,
-                self.run_name(*key),
-                self._config(width, key[1], networks[key]),
-                rows,
-            )
+            self._log_replayed_run(key, network, history[key], losses[key])
         return results
+
+    def _log_replayed_run(
+        self,
+        key: tuple[int, int],
+        network: MeanFieldStack,
+        history: list[dict[str, float]],
+        losses: list[float],
+    ) -> None:
+        """One W&B run for a seed-batched run: its gap rows and per-step training losses."""
+        rows = [dict(row) for row in history]
+        rows += [
+            {"step": step, "train/loss": value, "mf_time": step * self.module.time_step}
+            for step, value in enumerate(losses)
+        ]
+        rows.sort(key=lambda row: row["step"])
+        log_run_history(
+            self.wandb_mode,
+            self.out,
+            self.settings.project,
+            self.name,
+            self.run_name(*key),
+            self._config(*key, network),
+            rows,
+        )
 
     # --- the sweep ----------------------------------------------------------------------------
 

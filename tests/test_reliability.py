@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import Logger
 import mflightning.io as mio
 import mflightning.wandb_logging as wl
 from mflightning import MeanFieldMLP, MeanFieldModule, Normal, ParticleLimitSolver
+from mflightning.batched import SeedBatch
 from mflightning.callbacks import LimitTracker
 from mflightning.config import build
 from mflightning.data import IsotropicGaussians
@@ -44,10 +45,17 @@ def _data(batch_size: int | None = None) -> IsotropicGaussians:
 def _trainer(root: Path, max_steps: int, callbacks: list, **kwargs: Any) -> Trainer:
     checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     defaults = dict(
-        default_root_dir=root, accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        enable_checkpointing=checkpoints, callbacks=callbacks,
-    )  # fmt: skip
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        enable_checkpointing=checkpoints,
+        callbacks=callbacks,
+    )
     return Trainer(**(defaults | kwargs))
 
 
@@ -126,8 +134,16 @@ def test_sweep_records_a_diverged_run_and_finishes_the_others(
         return module
 
     monkeypatch.setattr(MeanFieldModule, "with_network", one_run_with_a_huge_lr)
-    settings = SweepSettings(widths=[16, 32], seeds=2, particles=64, every_n_steps=2,
-                             probe_size=16, out=str(tmp_path), wandb="disabled")  # fmt: skip
+    settings = SweepSettings(
+        widths=[16, 32],
+        seeds=2,
+        particles=64,
+        every_n_steps=2,
+        probe_size=16,
+        out=str(tmp_path),
+        wandb="disabled",
+        batch_seeds=False,
+    )
     module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
     sweep = WidthSweep(module, _data(16), steps=8, settings=settings, name="diverge")
     with pytest.warns(UserWarning, match="N16-seed1 is recorded as diverged"):
@@ -137,6 +153,37 @@ def test_sweep_records_a_diverged_run_and_finishes_the_others(
     saved = json.loads((tmp_path / "runs" / "N16-seed1.json").read_text())
     assert saved["result"]["diverged"] is True
     assert json.loads((tmp_path / "report.json").read_text())["diverged_runs"] == ["N16-seed1"]
+
+
+def test_batched_sweep_records_a_diverged_seed_and_keeps_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = SeedBatch.step
+
+    def blow_up_seed_1_of_width_16(self: SeedBatch, x: torch.Tensor, y: torch.Tensor):
+        losses = original(self, x, y)
+        if self.params["layer1.weight"].shape[1] == 16:  # width-16 batch: overflow seed 1
+            with torch.no_grad():
+                for param in self.params.values():
+                    param[1].fill_(float("inf"))
+        return losses
+
+    monkeypatch.setattr(SeedBatch, "step", blow_up_seed_1_of_width_16)
+    settings = SweepSettings(
+        widths=[16, 32],
+        seeds=2,
+        particles=64,
+        every_n_steps=1,
+        probe_size=16,
+        out=str(tmp_path),
+        wandb="disabled",
+    )
+    module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
+    sweep = WidthSweep(module, _data(16), steps=8, settings=settings, name="diverge")
+    with pytest.warns(UserWarning, match="N16-seed1 is recorded as diverged"):
+        report = sweep.run()
+    assert report["diverged_runs"] == ["N16-seed1"]
+    assert report["per_width"]["16"]["seeds"] == 1 and report["per_width"]["32"]["seeds"] == 2
 
 
 # --- exact resume, minibatch SGD on shuffled data ---------------------------------------------
