@@ -122,6 +122,29 @@ def test_non_finite_batch_in_training_names_the_batch(tmp_path: Path) -> None:
         _trainer(tmp_path, 3, []).fit(module, data)
 
 
+def _sweep_with_one_diverged_run(tmp_path: Path, every_n_steps: int, batch_seeds: bool) -> None:
+    """Run a 2 x 2 sweep in which N16-seed1 diverges; check it is recorded and the rest finish."""
+    settings = SweepSettings(
+        widths=[16, 32],
+        seeds=2,
+        particles=64,
+        every_n_steps=every_n_steps,
+        probe_size=16,
+        out=str(tmp_path),
+        wandb="disabled",
+        batch_seeds=batch_seeds,
+    )
+    module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
+    sweep = WidthSweep(module, _data(16), steps=8, settings=settings, name="diverge")
+    with pytest.warns(UserWarning, match="N16-seed1 is recorded as diverged"):
+        report = sweep.run()
+    assert report["diverged_runs"] == ["N16-seed1"]
+    assert report["per_width"]["16"]["seeds"] == 1 and report["per_width"]["32"]["seeds"] == 2
+    saved = json.loads((tmp_path / "runs" / "N16-seed1.json").read_text())
+    assert saved["result"]["diverged"] is True
+    assert json.loads((tmp_path / "report.json").read_text())["diverged_runs"] == ["N16-seed1"]
+
+
 def test_sweep_records_a_diverged_run_and_finishes_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,25 +157,7 @@ def test_sweep_records_a_diverged_run_and_finishes_the_others(
         return module
 
     monkeypatch.setattr(MeanFieldModule, "with_network", one_run_with_a_huge_lr)
-    settings = SweepSettings(
-        widths=[16, 32],
-        seeds=2,
-        particles=64,
-        every_n_steps=2,
-        probe_size=16,
-        out=str(tmp_path),
-        wandb="disabled",
-        batch_seeds=False,
-    )
-    module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
-    sweep = WidthSweep(module, _data(16), steps=8, settings=settings, name="diverge")
-    with pytest.warns(UserWarning, match="N16-seed1 is recorded as diverged"):
-        report = sweep.run()
-    assert report["diverged_runs"] == ["N16-seed1"]
-    assert report["per_width"]["16"]["seeds"] == 1 and report["per_width"]["32"]["seeds"] == 2
-    saved = json.loads((tmp_path / "runs" / "N16-seed1.json").read_text())
-    assert saved["result"]["diverged"] is True
-    assert json.loads((tmp_path / "report.json").read_text())["diverged_runs"] == ["N16-seed1"]
+    _sweep_with_one_diverged_run(tmp_path, every_n_steps=2, batch_seeds=False)
 
 
 def test_batched_sweep_records_a_diverged_seed_and_keeps_the_others(
@@ -169,21 +174,7 @@ def test_batched_sweep_records_a_diverged_seed_and_keeps_the_others(
         return losses
 
     monkeypatch.setattr(SeedBatch, "step", blow_up_seed_1_of_width_16)
-    settings = SweepSettings(
-        widths=[16, 32],
-        seeds=2,
-        particles=64,
-        every_n_steps=1,
-        probe_size=16,
-        out=str(tmp_path),
-        wandb="disabled",
-    )
-    module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
-    sweep = WidthSweep(module, _data(16), steps=8, settings=settings, name="diverge")
-    with pytest.warns(UserWarning, match="N16-seed1 is recorded as diverged"):
-        report = sweep.run()
-    assert report["diverged_runs"] == ["N16-seed1"]
-    assert report["per_width"]["16"]["seeds"] == 1 and report["per_width"]["32"]["seeds"] == 2
+    _sweep_with_one_diverged_run(tmp_path, every_n_steps=1, batch_seeds=True)
 
 
 # --- exact resume, minibatch SGD on shuffled data ---------------------------------------------
