@@ -1,15 +1,16 @@
 """Timing, sizing and table printing shared by every benchmark.
 
-Each benchmark builds a few :class:`Case` s (ours, the baseline, sometimes a third reference),
-times them with :func:`measure` — interleaved repeats, so machine noise hits every case alike,
-``torch.cuda.synchronize`` around each sample on a GPU — and returns a :class:`Table` of rows that
-:func:`format_table` prints as Markdown.
+Each benchmark builds a few ``Case`` s (ours, the baseline, sometimes a third reference),
+times them with ``measure`` — interleaved repeats, so machine noise hits every case alike,
+``torch.cuda.synchronize`` around each sample on a GPU — and returns a ``Table`` of rows that
+``format_table`` prints as Markdown.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import math
 import os
 import platform
@@ -95,6 +96,7 @@ def synchronize(device: str) -> None:
 def _sample_ms(case: Case, inner: int, device: str) -> float:
     if case.prepare is not None:
         case.prepare()
+    gc.collect()  # collect the previous samples' garbage (Trainers hold cycles) outside the timing
     synchronize(device)
     start = time.perf_counter()
     for _ in range(inner):
@@ -153,7 +155,7 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def add(self, **values: Any) -> None:
-        """Append a row; every key must be one of :attr:`columns`."""
+        """Append a row; every key must be one of ``columns``."""
         unknown = set(values) - set(self.columns)
         if unknown:
             raise ValueError(f"unknown columns {sorted(unknown)} for table {self.name}")

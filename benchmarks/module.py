@@ -2,7 +2,7 @@
 
 Both train a d -> N -> N -> 1 ReLU network without biases by plain SGD on the same in-memory
 batches for K steps (no logger, progress bar, checkpointing or validation) and log their loss.
-Ours adds what :class:`~mflightning.MeanFieldModule` always does: the §1.2 param groups, the
+Ours adds what ``MeanFieldModule`` always does: the §1.2 param groups, the
 ``train/accuracy`` metric, ``mf_time`` and its divergence guard. A fresh ``Trainer`` (and a fresh
 copy of the initial network) is built, untimed, before every timed ``fit``.
 """

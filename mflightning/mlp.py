@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -84,15 +85,16 @@ class MeanFieldMLP(MeanFieldStack):
 
         The dtype must be the weights' (under autocast, any floating dtype).
         """
-        first = self.layers[0]
+        first = cast(MeanFieldLinear, self.layer1)
         if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != first.in_features:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
                 f"`{name}` must have shape (batch, {first.in_features}) for this network "
                 f"(in_features={first.in_features}), got {shape}; reshape or select features."
             )
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if not x.is_floating_point() or (x.dtype != first.weight.dtype and not autocast):
+        if x.dtype != first.weight.dtype and not (
+            x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
+        ):
             raise ValueError(
                 f"`{name}` has dtype {x.dtype} but the network's weights are "
                 f"{first.weight.dtype}; convert it with .to({first.weight.dtype})."

@@ -136,7 +136,7 @@ class MeanFieldLinear(MeanFieldLayer, nn.Linear):  # type: ignore[misc]  # torch
         bias: learn an additive bias (drawn from ``bias_init``).
         device: torch device of the parameters.
         dtype: torch dtype of the parameters.
-        role: ``"input"`` | ``"hidden"`` | ``"readout"`` (see :class:`MeanFieldLayer`).
+        role: ``"input"`` | ``"hidden"`` | ``"readout"`` (see ``MeanFieldLayer``).
         init: width-independent law of the weights, e.g. ``Normal(1.0, 0.5)``.
         bias_init: law of the biases (default: the constant 0, as NP's degeneracy results assume).
         frozen: never train this layer (a random-feature layer).
@@ -173,12 +173,12 @@ class MeanFieldLinear(MeanFieldLayer, nn.Linear):  # type: ignore[misc]  # torch
         The product accumulates inside the GEMM and is scaled once, as ``(1/n) sum`` should be
         (§E.2 item 11); no extra pass over the output is needed for the bias.
         """
-        rows = input.reshape(-1, self.in_features)
+        if input.dim() != 2:  # a GEMM takes matrices: fold the leading dims into rows
+            rows = input.reshape(-1, self.in_features)
+            return self.forward(rows).view(*input.shape[:-1], self.out_features)
         if self.bias is None:
-            output = torch.mm(rows, self.weight.t()).mul_(self.forward_scale)
-        else:
-            output = torch.addmm(self.bias, rows, self.weight.t(), alpha=self.forward_scale)
-        return output.view(*input.shape[:-1], self.out_features)
+            return torch.mm(input, self.weight.t()).mul_(self.forward_scale)
+        return torch.addmm(self.bias, input, self.weight.t(), alpha=self.forward_scale)
 
 
 class _MeanFieldConvNd(MeanFieldLayer):
@@ -212,9 +212,9 @@ def _check_conv_args(in_channels: int, out_channels: int, groups: int) -> None:
 class MeanFieldConv1d(_MeanFieldConvNd, nn.Conv1d):
     """Applies a **mean-field** 1-D convolution: ``(1/C_in) conv(x, W) + b``.
 
-    Takes the arguments of :class:`torch.nn.Conv1d` (``groups`` must be 1) plus the keyword-only
+    Takes the arguments of ``torch.nn.Conv1d`` (``groups`` must be 1) plus the keyword-only
     ``role``, ``init``, ``bias_init``, ``frozen``, ``input_scale`` and ``generator`` of
-    :class:`MeanFieldLinear`. The lr multiplier is ``C_in * C_out`` with data/output counted as 1.
+    ``MeanFieldLinear``. The lr multiplier is ``C_in * C_out`` with data/output counted as 1.
     """
 
     _spatial_dims = 1
@@ -264,9 +264,9 @@ class MeanFieldConv1d(_MeanFieldConvNd, nn.Conv1d):
 class MeanFieldConv2d(_MeanFieldConvNd, nn.Conv2d):
     """Applies a **mean-field** 2-D convolution: ``(1/C_in) conv(x, W) + b``.
 
-    Takes the arguments of :class:`torch.nn.Conv2d` (``groups`` must be 1) plus the keyword-only
+    Takes the arguments of ``torch.nn.Conv2d`` (``groups`` must be 1) plus the keyword-only
     ``role``, ``init``, ``bias_init``, ``frozen``, ``input_scale`` and ``generator`` of
-    :class:`MeanFieldLinear`. The lr multiplier is ``C_in * C_out`` with data/output counted as 1.
+    ``MeanFieldLinear``. The lr multiplier is ``C_in * C_out`` with data/output counted as 1.
     """
 
     _spatial_dims = 2

@@ -98,6 +98,10 @@ def test_huge_lr_stops_training_with_step_time_layer_and_hint(tmp_path: Path) ->
     assert 0 < step < 50, "the guard stopped at the first non-finite loss"
     assert f"at step {step} " in message and f"mf_time {module.mf_time:.6g}" in message
     assert "mf/layer" in message and "lower the lr" in message and "preset" in message
+    # the last update was measured (from the step before the non-finite loss), not left out
+    assert "none yet" not in message
+    size = float(message.split("lr * RMS grad = ")[1].split(")")[0])
+    assert size > 1.0 or not math.isfinite(size), "a diverging update is large"
     assert all(torch.isfinite(p).all() for p in module.parameters()), "no non-finite step taken"
     saved = sorted(int(p.stem.split("step=")[1]) for p in (tmp_path / "ckpt").glob("*.ckpt"))
     assert saved == list(range(1, step + 1))  # every good step kept, none after the divergence
