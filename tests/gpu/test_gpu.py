@@ -20,6 +20,7 @@ from mflightning import (
 )
 from mflightning.cli import sweep
 from mflightning.data import IsotropicGaussians, isotropic_gaussians
+from mflightning.limit.memory import solver_step_bytes
 
 pytestmark = [
     pytest.mark.gpu,
@@ -76,6 +77,26 @@ def test_solver_matches_cpu(dtype: torch.dtype) -> None:
         gpu.step(x, y)
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(gpu(x).cpu(), cpu(x), rtol=tol, atol=tol)
+
+
+def test_solver_at_m_32768_fits_the_memory_bound() -> None:
+    """Deliverable 4: L = 3, M = 32768, P = 4096 in fp32 within b (2 n_params + 4 P M + P (d+1))."""
+    width, points = 32768, 4096
+    with torch.device("cuda"):
+        network = MeanFieldMLP(10, [width, width], bias=False)
+        x, y = torch.randn(points, 10), torch.randn(points, 1)
+    solver = ParticleLimitSolver(network, 0.05, dtype=torch.float32)
+    del network  # the solver holds its own copy of the particles
+    solver.step(x, y)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()  # particles, gradients, batch
+    solver.step(x, y)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    bound = solver_step_bytes(solver.network, points, torch.float32)
+    assert peak <= bound * 1.02, f"peak {peak / 2**30:.2f} GiB above {bound / 2**30:.2f} GiB"
+    assert peak - before < width * width * 4, "an extra M x M buffer during the step"
 
 
 def test_coupling_slope_at_larger_widths() -> None:

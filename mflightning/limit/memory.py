@@ -1,0 +1,98 @@
+"""How much memory a ``ParticleLimitSolver`` step needs, and the largest M.
+
+One full-batch Euler step of an L-layer perceptron holds, at its peak (measured with
+``torch.distributed._tools.mem_tracker.MemTracker`` on CPU and ``torch.cuda.max_memory_allocated``
+on a GPU, tests/test_memory.py and tests/gpu):
+
+* the particles: every weight and bias, ``n_params = d M_1 + sum_i M_i M_{i+1} + M_{L-1} out``
+  numbers (about ``(L-2) M^2`` for hidden widths M);
+* their gradients: as many again (``zero_grad(set_to_none=True)`` frees the old ones first);
+* the workspace: the P x M_i activations autograd saves for the backward pass plus one P x M
+  gradient in flight, at most ``(L+1) P max_i M_i`` numbers, and the batch itself in the
+  solver's dtype, ``P (d + out)`` numbers.
+
+No other M x M buffer exists: the GEMM results become the gradients in place and SGD updates the
+weights in place. So, with ``b`` bytes per number (4 for float32, 8 for float64),
+
+    peak bytes <= b * (2 n_params + (L + 1) P max_i M_i + P (d + out)).
+
+For L = 3, d = 10, P = 4096 this is about ``8 M^2 + 65536 M`` bytes in float32: M = 32768 needs
+10.7 GB (21.5 GB in float64), and 95% of an 80 GiB card fits M = 96 979 (table in
+docs/guide/limit.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mflightning.mlp import MeanFieldMLP
+from mflightning.nn import MeanFieldLinear
+
+
+def solver_step_bytes(network: MeanFieldMLP, points: int, dtype: torch.dtype) -> int:
+    """Upper bound on one solver step's peak memory (see the module docstring for the terms).
+
+    ``bytes = b (2 n_params + (L+1) P max_i M_i + P (d + out))``.
+
+    Args:
+        network: the width-M network whose neurons are the particles.
+        points: P, the number of training points in the full batch.
+        dtype: the solver's dtype (its ``itemsize`` is ``b``).
+
+    Raises:
+        TypeError: ``network`` is not a ``MeanFieldMLP``.
+        ValueError: ``points`` is not a positive integer.
+    """
+    if not isinstance(network, MeanFieldMLP):
+        raise TypeError(
+            f"`network` must be a MeanFieldMLP (the bound counts its layers), got "
+            f"{type(network).__name__}."
+        )
+    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+        raise ValueError(f"`points` must be a positive integer (P), got {points!r}.")
+    n_params = sum(p.numel() for p in network.parameters())
+    widest = max(network.widths)
+    first, last = network.layers[0], network.layers[-1]
+    assert isinstance(first, MeanFieldLinear) and isinstance(last, MeanFieldLinear)
+    batch = points * (first.in_features + last.out_features)
+    return dtype.itemsize * (2 * n_params + (network.depth + 1) * points * widest + batch)
+
+
+def largest_width(
+    memory_bytes: float,
+    points: int,
+    in_features: int,
+    depth: int = 3,
+    dtype: torch.dtype = torch.float32,
+    out_features: int = 1,
+) -> int:
+    """The largest hidden width M (all hidden layers M wide, no biases) whose step fits.
+
+    Solves ``b (2 n_params(M) + (L+1) P M + P (d + out)) <= memory_bytes`` with
+    ``n_params(M) = (L-2) M^2 + (d + out) M``.
+
+    Args:
+        memory_bytes: memory available to the solver (leave room for the CUDA context, about
+            0.5-1 GB, and anything else on the card).
+        points: P.
+        in_features: d.
+        depth: L >= 2.
+        dtype: the solver's dtype.
+        out_features: the output size.
+
+    Raises:
+        ValueError: ``depth`` < 2 or a non-positive size.
+    """
+    if depth < 2 or points < 1 or in_features < 1 or out_features < 1 or memory_bytes <= 0:
+        raise ValueError(
+            f"need depth >= 2 and positive sizes, got depth={depth}, points={points}, "
+            f"in_features={in_features}, out_features={out_features}, memory_bytes={memory_bytes}."
+        )
+    numbers = memory_bytes / dtype.itemsize - points * (in_features + out_features)
+    quadratic = 2 * (depth - 2)  # a M^2 + b M - numbers = 0
+    linear = 2 * (in_features + out_features) + (depth + 1) * points
+    if quadratic == 0:
+        return int(numbers // linear)
+    return int((-linear + math.sqrt(linear**2 + 4 * quadratic * numbers)) / (2 * quadratic))

@@ -1,0 +1,62 @@
+"""Solver memory: one step holds the particles, their gradients and a P x M workspace, nothing more.
+
+The peak is measured with torch's MemTracker (CPU) and compared with the documented bound
+``b (2 n_params + (L+1) P max M_i)`` of :func:`mflightning.limit.memory.solver_step_bytes`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from mflightning import MeanFieldMLP, ParticleLimitSolver
+from mflightning.limit.memory import largest_width, solver_step_bytes
+
+
+def _peak_step_bytes(solver: ParticleLimitSolver, x: torch.Tensor, y: torch.Tensor) -> int:
+    solver.step(x, y)  # gradients exist from now on, as in every later step
+    tracker = MemTracker()
+    tracker.track_external(solver.network)
+    with tracker:
+        solver.step(x, y)
+    return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4, 5])
+@pytest.mark.parametrize(("width", "points"), [(512, 64), (256, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_solver_step_peak_is_within_the_documented_bound(
+    depth: int, width: int, points: int, dtype: torch.dtype
+) -> None:
+    network = MeanFieldMLP(10, [width] * (depth - 1), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(points, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(points, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    solver = ParticleLimitSolver(network, 0.05, dtype=dtype)
+    peak = _peak_step_bytes(solver, x, y)
+    bound = solver_step_bytes(network, points, dtype)
+    state = 2 * sum(p.numel() for p in solver.network.parameters()) * dtype.itemsize
+    assert peak <= bound, f"peak {peak} B above the bound {bound} B"
+    assert peak >= 0.75 * bound, f"the bound {bound} B is loose (peak {peak} B)"
+    if depth > 2 and points < width:  # no M x M buffer beyond the weights and their gradients
+        assert peak - state < width * width * dtype.itemsize
+
+
+def test_largest_width_inverts_the_bound() -> None:
+    for depth, dtype in [(3, torch.float32), (4, torch.float64), (2, torch.float32)]:
+        budget = 2.0**30
+        m = largest_width(budget, points=4096, in_features=10, depth=depth, dtype=dtype)
+        with torch.device("meta"):  # sizes only: no memory
+            fits = MeanFieldMLP(10, [m] * (depth - 1), bias=False)
+            too_big = MeanFieldMLP(10, [m + 1] * (depth - 1), bias=False)
+        assert solver_step_bytes(fits, 4096, dtype) <= budget
+        assert solver_step_bytes(too_big, 4096, dtype) > budget
+
+
+def test_memory_helpers_reject_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="`network` must be a MeanFieldMLP"):
+        solver_step_bytes(torch.nn.Linear(2, 2), 8, torch.float32)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`points`"):
+        solver_step_bytes(MeanFieldMLP(2, [4]), 0, torch.float32)
+    with pytest.raises(ValueError, match="depth >= 2"):
+        largest_width(1e9, points=10, in_features=2, depth=1)
