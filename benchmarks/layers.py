@@ -3,7 +3,9 @@
 Same shapes, same parameters (bias on), the input requires grad as a hidden layer's does; one
 step is ``zero_grad``, forward, ``out.sum().backward()``. Precisions: fp32 and bf16-mixed
 (``torch.autocast(device, dtype=torch.bfloat16)``), each eager and under ``torch.compile`` where
-the device supports it (not with ``--tiny``).
+the device supports it (not with ``--tiny``). The ``linear-folded`` rows time the candidate of
+``benchmarks.folded_linear`` (the 1/n_in folded into the backward GEMMs too) against the same
+``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.common import COMPARISON_COLUMNS, Case, Settings, Table, measure, ratio_row
+from benchmarks.folded_linear import FoldedMeanFieldLinear
 from mflightning import MeanFieldConv2d, MeanFieldLinear
 
 TARGET = 1.03
@@ -40,9 +43,10 @@ def _layers(
     """(ours, baseline, input) for one shape: fp32, equal parameters, input requiring grad."""
     ours: MeanFieldLinear | MeanFieldConv2d
     base: nn.Linear | nn.Conv2d
-    if kind == "linear":
+    if kind in ("linear", "linear-folded"):
         batch, n_in, n_out = shape
-        ours = MeanFieldLinear(n_in, n_out, device=device)
+        layer = MeanFieldLinear if kind == "linear" else FoldedMeanFieldLinear
+        ours = layer(n_in, n_out, device=device)
         base = nn.Linear(n_in, n_out, device=device)
         x = torch.randn(batch, n_in, device=device)
     else:
@@ -101,7 +105,8 @@ def run(settings: Settings) -> Table:
     compile_modes = [False] if no_compile else [False, True]
     if no_compile:
         table.notes.append(f"torch.compile rows skipped: {no_compile}.")
-    jobs = [("linear", s) for s in linear] + [("conv2d", s) for s in conv]
+    kinds = ["linear", "linear-folded"]  # the folded candidate: benchmarks/folded_linear.py
+    jobs = [(k, s) for s in linear for k in kinds] + [("conv2d", s) for s in conv]
     for kind, shape in jobs:
         for compiled in compile_modes:
             for precision in PRECISIONS:

@@ -12,14 +12,18 @@ same particles:
   M x M x P GEMMs and nothing else of size M^2 but one read and write of each weight).
 
 Rows: fp32 (TF32 off) and float64 at every M, plus on CUDA an opt-in TF32 row
-(``ParticleLimitSolver(allow_tf32=True)`` vs the baselines with TF32 on). The ``err vs f64``
-column is the RMS gap, after a few steps, between the outputs of that precision and of the
-float64 solver started from the same particles; ``particle err`` estimates the O(M^{-1/2}) error of
-the particle solver itself as RMS(float64 run - float64 run on an independent draw) / sqrt(2).
+(``ParticleLimitSolver(allow_tf32=True)`` vs the baselines with TF32 on). On a CPU, where TF32
+does not exist, two untimed ``tf32 (emulated, ...)`` rows give its error instead: the fp32
+solver with every GEMM operand rounded to TF32's 10 mantissa bits (``benchmarks.tf32``).
+The ``err vs f64`` column is the RMS gap, after a few steps, between the outputs of that
+precision and of the float64 solver started from the same particles; ``particle err`` estimates
+the O(M^{-1/2}) error of the particle solver itself as
+RMS(float64 run - float64 run on an independent draw) / sqrt(2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 from collections.abc import Callable
@@ -30,6 +34,7 @@ from torch import Tensor
 
 from benchmarks.common import COMPARISON_COLUMNS, Case, Settings, Table, measure, ratio_row
 from benchmarks.fitting import FEATURES, regression_data
+from benchmarks.tf32 import EmulatedTF32, Rounding
 from mflightning import MeanFieldMLP, ParticleLimitSolver
 from mflightning.limit.solver import tf32_allowed
 
@@ -37,6 +42,11 @@ TARGET = 1.0
 LR = 0.05
 KEYS = ["M", "P", "dtype", "baseline"]
 DTYPES = {"fp32": torch.float32, "float64": torch.float64, "tf32": torch.float32}
+# precision -> TF32 rounding emulated on every GEMM operand (error-only rows on a CPU)
+EMULATED: dict[str, Rounding] = {
+    "tf32 (emulated, nearest)": "nearest",
+    "tf32 (emulated, truncate)": "truncate",
+}
 
 
 def build_network(width: int, device: str, dtype: torch.dtype, seed: int) -> MeanFieldMLP:
@@ -126,13 +136,15 @@ def output_errors(
     runs = [("float64", 0, False), ("particle", 1, False)]
     runs += [(p, 0, p == "tf32") for p in precisions if p != "float64"]
     for name, seed, tf32 in runs:
-        dtype = DTYPES[name] if name in DTYPES else torch.float64
+        dtype = torch.float32 if name in EMULATED else DTYPES.get(name, torch.float64)
         solver = ParticleLimitSolver(
             build_network(width, device, torch.float64, seed), LR, dtype=dtype, allow_tf32=tf32
         )
-        for _ in range(steps):
-            solver.step(x, y)
-        outputs[name] = solver(probe)
+        emulation = EmulatedTF32(EMULATED[name]) if name in EMULATED else contextlib.nullcontext()
+        with emulation:
+            for _ in range(steps):
+                solver.step(x, y)
+            outputs[name] = solver(probe)
         del solver
         _free(device)
     errors = {p: _rms(outputs[p], outputs["float64"]) for p in precisions if p != "float64"}
@@ -168,6 +180,7 @@ def run(settings: Settings) -> Table:
     widths: list[int] = settings.pick([128], [512, 1024, 2048], [4096, 16384, 32768])
     points, error_steps = settings.pick((64, 2), (1024, 5), (4096, 10))
     precisions = ["fp32", "float64"] + (["tf32"] if settings.cuda else [])
+    emulated = [] if settings.cuda else list(EMULATED)
     table = Table(
         "solver",
         "ParticleLimitSolver.step vs plain-PyTorch full-batch GD (L=3, d=10)",
@@ -176,7 +189,7 @@ def run(settings: Settings) -> Table:
     )
     x, y = regression_data(points, settings.device, torch.float64)
     for width in widths:
-        errors = output_errors(width, x, y, error_steps, precisions, settings.device)
+        errors = output_errors(width, x, y, error_steps, precisions + emulated, settings.device)
         for precision in precisions:
             times = _time_group(width, x, y, precision, settings)
             _free(settings.device)
@@ -191,10 +204,18 @@ def run(settings: Settings) -> Table:
                     **{"ours TFLOP/s": flops / times["ours"] / 1e9},
                     **{"err vs f64": errors.get(precision), "particle err": errors["particle"]},
                 )
+        for precision in emulated:  # error only: the speed of TF32 needs a GPU
+            table.add(
+                **{"M": width, "P": points, "dtype": precision, "baseline": "-"},
+                **{"err vs f64": errors[precision], "particle err": errors["particle"]},
+            )
     table.notes.append(
         f"err vs f64 / particle err: RMS output gaps on up to 1024 of the P points after "
         f"{error_steps} steps (lr {LR}); particle err is the O(M^-1/2) error of the solver itself."
     )
     if not settings.cuda:
-        table.notes.append("No TF32 rows: TF32 exists on CUDA only.")
+        table.notes.append(
+            "TF32 exists on CUDA only: the tf32 (emulated) rows give its error (fp32 solver, every "
+            "GEMM operand rounded to 10 mantissa bits), not its speed."
+        )
     return table
