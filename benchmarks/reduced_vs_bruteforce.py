@@ -1,7 +1,7 @@
 """One Euler step of ReducedLimitSolver (R_M) vs ParticleLimitSolver (S_M), side by side in one run.
 
 Usage: ``python -m benchmarks.reduced_vs_bruteforce [--device cpu|cuda] [--quick|--tiny]
-[--repeats K]`` (or register :func:`run` in ``benchmarks/__main__.py``).
+[--repeats K]`` (or register ``run`` in ``benchmarks/__main__.py``).
 
 Data and laws of mf-theory.md §D.3 T-REDUCED (P = 100, d = 5, float64, tau_i = 0.5, loss
 "half_mse"), L = 4 and 5. One row per (L, M): median ms per step of each solver, timed with

@@ -1,4 +1,4 @@
-"""``tracker``: the cost of :class:`~mflightning.LimitTracker` beyond its solver's own steps.
+"""``tracker``: the cost of ``LimitTracker`` beyond its solver's own steps.
 
 Three cases on the same K batches, each with a fresh module (and a fresh copy of the particles):
 

@@ -42,8 +42,8 @@ class SeedBatch:
         networks: S networks of the same class, architecture and widths (their current weights
             are the starting points; they are not modified).
         lr: base learning rate (the module's ``lr``).
-        loss: loss convention of :func:`mflightning.losses.mean_field_loss`.
-        preset: multiplier preset (see :func:`mflightning.param_groups`).
+        loss: loss convention of ``mflightning.losses.mean_field_loss``.
+        preset: multiplier preset (see ``mflightning.param_groups``).
 
     Raises:
         ValueError: no networks, or networks whose parameter shapes differ.

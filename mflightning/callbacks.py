@@ -1,6 +1,6 @@
 """``LimitTracker``: advance the mean-field limit in lockstep with training and log the gaps.
 
-The callback owns a :class:`~mflightning.limit.ParticleLimitSolver` (given, or built at width M
+The callback owns a ``ParticleLimitSolver`` (given, or built at width M
 from the module's network), optionally couples the module's network to it at fit start (§B.4:
 the module's neurons become a subsample of the particles, so every weight has an ideal particle),
 takes one solver step per optimizer step, and every ``every_n_steps`` logs (mf-theory.md §C)
@@ -68,7 +68,7 @@ def _architecture(network: MeanFieldStack) -> dict[str, Any]:
 
 
 class LimitTracker(Callback):
-    """Tracks the distance of a :class:`MeanFieldModule` to its mean-field limit while it trains.
+    """Tracks the distance of a ``MeanFieldModule`` to its mean-field limit while it trains.
 
     Args:
         solver: the limit solver; its ``lr`` must equal the module's canonical step
@@ -306,7 +306,7 @@ class LimitTracker(Callback):
 class RecordedLimitTracker(Callback):
     """Logs the gaps of a run to a limit trajectory recorded beforehand (used by width sweeps).
 
-    One solver pass records :class:`~mflightning.limit.snapshot.LimitSnapshot` s at the logging
+    One solver pass records ``LimitSnapshot`` s at the logging
     steps; every run of a sweep then replays them instead of stepping its own solver. The network
     must already start on its coupled particles, and train on the same batches as the recording.
 

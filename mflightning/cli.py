@@ -1,4 +1,4 @@
-"""The ``mfl`` command: a LightningCLI for :class:`MeanFieldModule`, plus ``mfl sweep``.
+"""The ``mfl`` command: a LightningCLI for ``MeanFieldModule``, plus ``mfl sweep``.
 
 Usage::
 
@@ -8,7 +8,7 @@ Usage::
 The optimizer is injected into the model (the recipe's ``model.optimizer``) so it always gets the
 mean-field param groups; a top-level ``optimizer:``/``lr_scheduler:`` entry, which LightningCLI
 would apply to ``model.parameters()``, is refused (design.md §3). A recipe's ``sweep:`` section
-(:class:`~mflightning.sweep.SweepSettings`) is read by ``mfl sweep`` and ignored by ``mfl fit``.
+(``SweepSettings``) is read by ``mfl sweep`` and ignored by ``mfl fit``.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ class MeanFieldConvNet(MeanFieldStack):
         channels: hidden channel counts ``C_1 .. C_{L-1}`` (the widths).
         out_features: outputs (classes).
         kernel_size: square kernel size of every convolution (odd; "same" padding).
-        activations: ``phi_1 .. phi_L`` by name (see :class:`~mflightning.MeanFieldMLP`).
+        activations: ``phi_1 .. phi_L`` by name (see ``MeanFieldMLP``).
         init: one law per weight layer, or one for all (defaults as for the MLP).
         bias: give every layer a bias drawn from ``bias_init``.
         frozen: layers that never train: ``"input"``, ``"readout"`` or ``"layer<i>"``.
@@ -114,7 +114,7 @@ class MeanFieldConvNet(MeanFieldStack):
         """``[H_1, ..., H_{L-1}, H_L]``; conv ones as ``(batch * positions, C_i)`` matrices.
 
         Each (input, position) pair is one row and each channel (neuron) one column, so
-        :func:`mflightning.functional.neuron_spread` measures the spread over channels (§C.6).
+        ``mflightning.functional.neuron_spread`` measures the spread over channels (§C.6).
         """
         *convs, readout = self.layers
         preactivations = []

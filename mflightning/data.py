@@ -6,7 +6,7 @@
 ``MNIST`` and ``CIFAR10`` read the files through torchvision's own dataset classes, then hold the
 whole (optionally subset) split as tensors, so full-batch training is cheap and deterministic. Their
 validation set is the official test split (its first ``n_val`` images). Nothing is downloaded unless
-``download=True``; missing files raise :class:`DatasetNotFoundError`, which says how to fetch them.
+``download=True``; missing files raise ``DatasetNotFoundError``, which says how to fetch them.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class _TensorDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
         """Full batch in a fixed order, or seeded shuffled minibatches.
 
-        Shuffled minibatches come from a :class:`~mflightning.sampling.ResumableDataLoader`: the
+        Shuffled minibatches come from a ``ResumableDataLoader``: the
         order of epoch ``e`` depends only on ``(seed, e)`` and a run resumed mid-epoch from a
         checkpoint continues with the batches it would have seen.
         """

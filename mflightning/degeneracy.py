@@ -1,10 +1,10 @@
 """Degeneracy diagnostics of iid deep mean-field networks (mf-theory.md §C.6, §B.3, §E.1 item 5).
 
 Under iid initialization with L >= 4 the middle hidden layers collapse to one neuron-independent
-function (measured by :func:`mflightning.functional.neuron_spread`), the last hidden layer of an
-L = 4 network becomes rank one, ``H_3(x, j) = a_j h(x)`` (:func:`effective_rank` -> 1), and for
+function (measured by ``mflightning.functional.neuron_spread``), the last hidden layer of an
+L = 4 network becomes rank one, ``H_3(x, j) = a_j h(x)`` (``effective_rank`` -> 1), and for
 L >= 5 the middle weights only translate, ``w_i(t) - w_i(0) = w_i#(t)``
-(:func:`middle_displacement_variance` -> 0).
+(``middle_displacement_variance`` -> 0).
 """
 
 from __future__ import annotations

@@ -44,6 +44,6 @@ def trivial_limit_reasons(network: nn.Module) -> list[str]:
 
 
 def warn_trivial_limits(network: nn.Module) -> None:
-    """Emit one :class:`TrivialLimitWarning` per reason found by :func:`trivial_limit_reasons`."""
+    """Emit one ``TrivialLimitWarning`` per reason found by ``trivial_limit_reasons``."""
     for reason in trivial_limit_reasons(network):
         warnings.warn(reason, TrivialLimitWarning, stacklevel=3)

@@ -1,7 +1,7 @@
 """Functional limit-tracking metrics: how far a finite-width network is from its MF limit.
 
 Every metric of mf-theory.md §C has a functional form here and a class form in
-:mod:`mflightning.metrics`. The class ``update``/``compute`` reuse the private ``_*_update`` /
+``mflightning.metrics``. The class ``update``/``compute`` reuse the private ``_*_update`` /
 ``_*_compute`` helpers below, so each formula is written once. All arithmetic is done in float64
 whatever the input dtype, and every function returns a float64 tensor (or a dict of them).
 """
@@ -309,7 +309,7 @@ def sliced_wasserstein(
         \theta_k{}_\# \nu)\Big)^{1/p},
 
     with :math:`\mu = \frac1n\sum_i \delta_{x_i}`, :math:`\nu = \frac1m\sum_j \delta_{y_j}` and K
-    directions :math:`\theta_k` uniform on the sphere (:func:`sliced_directions`, fixed seed, so the
+    directions :math:`\theta_k` uniform on the sphere (``sliced_directions``, fixed seed, so the
     value is deterministic). Each 1-D :math:`W_p` is exact for any counts ``n`` and ``m`` (merge of
     the two quantile functions; sorting when ``n == m``). For scalar or projected marginals the
     distance between a width-N network's neurons and the limit law scales as N^{-1/2}; uncoupled

@@ -30,7 +30,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    """:func:`atomic_write_text` of ``data`` as indented JSON."""
+    """``atomic_write_text`` of ``data`` as indented JSON."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 

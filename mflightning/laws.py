@@ -2,9 +2,9 @@
 
 In the mean-field parametrization every weight is O(1): it is drawn from a law that does not depend
 on the width (unlike PyTorch's default Kaiming init, whose scale is ``1/sqrt(fan_in)``). A law is an
-:class:`InitLaw`; :class:`Normal` and :class:`Uniform` cover the seed papers, and any in-place
+``InitLaw``; ``Normal`` and ``Uniform`` cover the seed papers, and any in-place
 callable (for example ``functools.partial(torch.nn.init.uniform_, a=-1, b=1)``) is accepted through
-:func:`as_law`.
+``as_law``.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class CallableLaw(InitLaw):
 
 
 def as_law(init: InitLaw | InPlaceInit, name: str = "init") -> InitLaw:
-    """Return ``init`` as an :class:`InitLaw`, wrapping plain callables in :class:`CallableLaw`.
+    """Return ``init`` as an ``InitLaw``, wrapping plain callables in ``CallableLaw``.
 
     Raises:
         ValueError: ``init`` is neither a law nor callable; the message names ``name``.

@@ -1,10 +1,10 @@
 """Limit-tracking metrics as torchmetrics ``Metric`` classes (mf-theory.md §C).
 
 Each class accumulates float64 states through the ``_*_update`` helpers of
-:mod:`mflightning.functional` and finishes with its ``_*_compute`` helper, so the class and the
+``mflightning.functional`` and finishes with its ``_*_compute`` helper, so the class and the
 functional twin share one formula. Sum states use ``dist_reduce_fx="sum"`` and therefore reduce
-exactly across DDP processes and through :meth:`~torchmetrics.Metric.merge_state`; only
-:class:`SlicedWasserstein` keeps ``"cat"`` states (all particles, see its memory note). States are
+exactly across DDP processes and through ``merge_state``; only
+``SlicedWasserstein`` keeps ``"cat"`` states (all particles, see its memory note). States are
 not persistent: they are not in ``state_dict``.
 """
 
@@ -49,7 +49,7 @@ class _LimitMetric(Metric):
     full_state_update: bool = False
 
     def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
-        """Merge another process's states (see :meth:`torchmetrics.Metric.merge_state`).
+        """Merge another process's states (see ``torchmetrics.Metric.merge_state``).
 
         Also drops the cached ``compute`` result, which torchmetrics 1.9 keeps after a merge.
         """
@@ -74,7 +74,7 @@ class OutputGap(_LimitMetric):
     squares and the number of entries (both summed across processes).
 
     Args:
-        kwargs: forwarded to :class:`torchmetrics.Metric`.
+        kwargs: forwarded to ``torchmetrics.Metric``.
 
     Example:
         >>> import torch
@@ -118,7 +118,7 @@ class LossGap(_LimitMetric):
     weight (summed across processes).
 
     Args:
-        kwargs: forwarded to :class:`torchmetrics.Metric`.
+        kwargs: forwarded to ``torchmetrics.Metric``.
 
     Example:
         >>> metric = LossGap()
@@ -172,7 +172,7 @@ class CoupledDeviation(_LimitMetric):
 
     Args:
         layers: names of the layers to track, e.g. ``["layers.0.weight", "layers.1.weight"]``.
-        kwargs: forwarded to :class:`torchmetrics.Metric`.
+        kwargs: forwarded to ``torchmetrics.Metric``.
 
     Raises:
         ValueError: if ``layers`` is empty or two names give the same state name.
@@ -230,9 +230,9 @@ class SlicedWasserstein(_LimitMetric):
         SW_p(\mu, \nu) = \Big(\frac{1}{K}\sum_{k=1}^K W_p^p(\theta_k{}_\# \mu,\,
         \theta_k{}_\# \nu)\Big)^{1/p}
 
-    with the K directions of :func:`~mflightning.functional.sliced_directions` (fixed ``seed``:
+    with the K directions of ``sliced_directions`` (fixed ``seed``:
     deterministic) and exact 1-D W_p for any numbers of particles, as in
-    :func:`~mflightning.functional.sliced_wasserstein`.
+    ``sliced_wasserstein``.
 
     As input to ``update``: ``x`` ``(n_b, D)`` particles of the first law and ``y`` ``(m_b, D)``
     particles of the second (rows are particles, ``(n_b,)`` means D = 1; counts may differ). As
@@ -246,7 +246,7 @@ class SlicedWasserstein(_LimitMetric):
         n_projections: number K of random directions.
         p: exponent, ``p >= 1`` (1 and 2 are the usual choices).
         seed: seed of the directions.
-        kwargs: forwarded to :class:`torchmetrics.Metric`.
+        kwargs: forwarded to ``torchmetrics.Metric``.
 
     Raises:
         ValueError: if ``n_projections < 1`` or ``p < 1``.
@@ -303,7 +303,7 @@ class NeuronSpread(_LimitMetric):
     processes).
 
     Args:
-        kwargs: forwarded to :class:`torchmetrics.Metric`.
+        kwargs: forwarded to ``torchmetrics.Metric``.
 
     Example:
         >>> import torch

@@ -1,10 +1,10 @@
 """Figures of a width sweep (matplotlib's object API, no GUI backend; 600 x 450 px PNGs).
 
-* :func:`plot_loss_curves`: training loss against ``mf_time`` for every width, limit overlaid
+* ``plot_loss_curves``: training loss against ``mf_time`` for every width, limit overlaid
   (Nguyen's width-invariance figure, mf-theory.md §C.2);
-* :func:`plot_gap_scaling`: a gap against N on log-log axes, per-seed points, the aggregate, the
+* ``plot_gap_scaling``: a gap against N on log-log axes, per-seed points, the aggregate, the
   fitted line and a ``N^{-1/2}`` reference (§C.1, §C.8);
-* :func:`plot_layer_scaling`: one curve per layer against N (coupled deviations §C.3, neuron
+* ``plot_layer_scaling``: one curve per layer against N (coupled deviations §C.3, neuron
   spread §C.6).
 """
 

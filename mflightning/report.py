@@ -3,7 +3,7 @@
 Per width, over seeds: the RMS of the per-seed output gap at the final time and of its sup over
 time (§C.1), the RMS loss gap (§C.2), the median coupled deviation per layer (§C.3), the mean
 accuracy, and the median neuron spread per hidden layer (§C.6). Slopes are log-log fits with a
-seed bootstrap (:func:`mflightning.widthfit.fit_loglog_slope`); the expected slope is -1/2.
+seed bootstrap (``mflightning.widthfit.fit_loglog_slope``); the expected slope is -1/2.
 """
 
 from __future__ import annotations

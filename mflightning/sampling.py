@@ -3,8 +3,8 @@
 Lightning restores the data position of a *stateful* training DataLoader (one with
 ``state_dict``/``load_state_dict``) when a fit resumes from a checkpoint saved mid-epoch; a plain
 DataLoader restarts the epoch from its first batch with a new shuffle. Here the order of epoch
-``e`` is a pure function of ``(seed, e)`` (:class:`EpochShuffleSampler`; Lightning calls
-``set_epoch`` at every epoch start), and :class:`ResumableDataLoader` saves how many batches of the
+``e`` is a pure function of ``(seed, e)`` (``EpochShuffleSampler``; Lightning calls
+``set_epoch`` at every epoch start), and ``ResumableDataLoader`` saves how many batches of the
 epoch it has handed out, so a resumed run trains on exactly the batches the interrupted one would
 have: with plain SGD the final weights are bit-identical.
 """
@@ -56,11 +56,11 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader over an :class:`EpochShuffleSampler` that saves its position in the epoch.
+    """A DataLoader over an ``EpochShuffleSampler`` that saves its position in the epoch.
 
     ``state_dict`` gives ``{"epoch", "batches"}``, the batches handed out in the current pass;
     Lightning stores it in checkpoints and ``load_state_dict`` makes the next pass of that epoch
-    skip them. The sampler must be an :class:`EpochShuffleSampler` and every batch but the last
+    skip them. The sampler must be an ``EpochShuffleSampler`` and every batch but the last
     ``batch_size`` long (the default ``drop_last=False`` sampler batching).
     """
 

@@ -1,7 +1,7 @@
 """Per-layer learning-rate rules and the seed papers' presets (mf-theory.md §1.2, §1.3).
 
 Every mean-field layer knows its multiplier (``n_in * n_out``, data input and output counted as 1).
-:func:`param_groups` turns a model into optimizer param groups named ``mf/<module path>`` (weights)
+``param_groups`` turns a model into optimizer param groups named ``mf/<module path>`` (weights)
 and ``mf/<module path>/bias`` (biases):
 
 * rule ``"sgd"``:  ``lr_group = eps * multiplier``, so that every weight moves O(eps) per step and
@@ -158,7 +158,7 @@ def param_groups(
         One group per trainable mean-field weight or bias, named ``mf/<path>`` and
         ``mf/<path>/bias``, each with ``lr``, ``lr_multiplier`` (and ``eps`` for Adam); trainable
         parameters outside mean-field layers go to a group ``"other"`` at the base lr, with a
-        :class:`NonMeanFieldParameterWarning`. Frozen parameters are left out.
+        ``NonMeanFieldParameterWarning``. Frozen parameters are left out.
 
     Raises:
         ValueError: bad ``lr``, ``rule``, ``preset`` or ``eps``, or a model the preset cannot use.

@@ -4,7 +4,7 @@ Layers are registered as ``layer1 .. layerL`` (NP indexing w_1 .. w_L): ``layer1
 ``"input"``, ``layerL`` role ``"readout"``, the others ``"hidden"``. Per layer: an activation
 ``phi_i`` by name, a width-independent init law, and an optional ``frozen`` flag (by name:
 ``"input"``, ``"readout"`` or ``"layer<i>"``). The constructor arguments are kept as plain data
-(:meth:`to_config`), so :meth:`with_widths` rebuilds the same architecture at other widths and
+(``to_config``), so ``with_widths`` rebuilds the same architecture at other widths and
 checkpoints rebuild it without pickles.
 """
 
@@ -46,9 +46,9 @@ def layer_role(index: int, depth: int) -> Role:
 
 
 class MeanFieldStack(nn.Module):
-    """Base class of :class:`~mflightning.MeanFieldMLP` and :class:`~mflightning.MeanFieldConvNet`.
+    """Base class of ``MeanFieldMLP`` and ``MeanFieldConvNet``.
 
-    Subclasses call :meth:`_setup_stack` first, then register ``layer1 .. layerL``.
+    Subclasses call ``_setup_stack`` first, then register ``layer1 .. layerL``.
     """
 
     width_argument = "widths"  # the constructor argument that holds the hidden widths
@@ -143,7 +143,7 @@ class MeanFieldStack(nn.Module):
     def to_config(self) -> dict[str, Any]:
         """Plain-data ``{"class_path", "init_args"}`` description of this architecture.
 
-        :func:`mflightning.config.build` turns it back into a (freshly drawn) network.
+        ``mflightning.config.build`` turns it back into a (freshly drawn) network.
         """
         args = dict(self._config)
         args["init"] = [law_config(law) for law in args["init"]]

@@ -1,6 +1,6 @@
 """Width sweeps: one recipe over widths x seeds, every run coupled to one limit (mf-theory.md §C.8).
 
-:class:`WidthSweep` integrates the particle limit **once** (M particles, default 8 x the largest
+``WidthSweep`` integrates the particle limit **once** (M particles, default 8 x the largest
 width), couples every (width, seed) run to it by subsampling the particles (§B.4: a seed is an
 independent subsample), records the limit at the logging steps, then trains each run with
 Lightning on the same batch sequence and logs its gaps to the recorded limit (§C.1-§C.3) against
@@ -72,7 +72,7 @@ class SweepSettings:
         project: W&B project name.
         solver_dtype: ``"float64"`` (default, §E.2) or ``"float32"``.
         batch_seeds: train the seeds of one width as one vmapped model
-            (:class:`~mflightning.batched.SeedBatch`) when the recipe uses plain SGD without a
+            (``SeedBatch``) when the recipe uses plain SGD without a
             scheduler; otherwise every run is its own Lightning fit.
     """
 
@@ -369,7 +369,7 @@ class WidthSweep:
     # --- seed-batched runs --------------------------------------------------------------------
 
     def _batchable(self) -> bool:
-        """Whether the recipe's training is plain SGD that :class:`SeedBatch` reproduces."""
+        """Whether the recipe's training is plain SGD that ``SeedBatch`` reproduces."""
         if not self.settings.batch_seeds or self.module.scheduler_factory is not None:
             return False
         if self.module.rule != "sgd" or self.trainer_kwargs.get("precision") not in (
@@ -396,7 +396,7 @@ class WidthSweep:
         snapshots: dict[tuple[int, int], dict[int, LimitSnapshot]],
         probe: tuple[Tensor, Tensor],
     ) -> list[RunResult]:
-        """Train the ``seeds`` of one width as one :class:`SeedBatch` on the runs' batches.
+        """Train the ``seeds`` of one width as one ``SeedBatch`` on the runs' batches.
 
         A seed whose loss or probe output turns non-finite is recorded as diverged; the others
         go on (the seeds do not mix inside the vmapped step).

@@ -40,7 +40,7 @@ def resolve_mode(mode: str) -> ResolvedMode:
     """Turn ``"auto"`` into ``"online"`` (requested or logged in) or ``"offline"``.
 
     Online (asked for, or by ``"auto"``) needs an API key and the W&B host answering within
-    ``PROBE_TIMEOUT_S``; otherwise a :class:`WandbOfflineFallback` warning says why and the
+    ``PROBE_TIMEOUT_S``; otherwise a ``WandbOfflineFallback`` warning says why and the
     result is ``"offline"``.
 
     Raises:

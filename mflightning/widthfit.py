@@ -33,7 +33,7 @@ AGGREGATES: dict[str, Callable[[Array], Array]] = {
 
 @dataclass(frozen=True)
 class SlopeFit:
-    """Result of :func:`fit_loglog_slope`: ``A(N) ~ exp(intercept) * N^slope``.
+    """Result of ``fit_loglog_slope``: ``A(N) ~ exp(intercept) * N^slope``.
 
     Attributes:
         slope: least-squares slope of log A(N) vs log N.

@@ -125,8 +125,8 @@ def couple(
     """A width-``widths`` copy of the solver's architecture initialized from its particles (§B.4).
 
     Args:
-        solver: a solver whose network is a :class:`~mflightning.MeanFieldMLP` or
-            :class:`~mflightning.MeanFieldConvNet` (conv weights are indexed by channel).
+        solver: a solver whose network is a ``MeanFieldMLP`` or
+            ``MeanFieldConvNet`` (conv weights are indexed by channel).
         widths: hidden widths ``n_1 .. n_{L-1}`` of the small network.
         generator: CPU random generator for the index sets (``None``: torch's global one).
         method: ``"subsample"`` (without replacement, ``n_i <= M_i``) or ``"bootstrap"``.

@@ -5,7 +5,7 @@ own initial values ``u`` and gets its own *ideal particle*, the characteristic O
 system started from ``u`` under the deterministic limit fields. The solver integrates these ODEs
 alongside its own state with *tracers*: the network's first-layer rows and readout columns enter
 the population averages of the reduced forward pass as ``(z - z.detach()) / M`` (see
-:meth:`~mflightning.ReducedLimitSolver.couple`). Such a term adds exactly zero to every forward
+``couple``). Such a term adds exactly zero to every forward
 value, so the limit is unchanged, while autograd gives each tracer field the same gradient an atom
 with its values would get; the Euler step with the atoms' multipliers is then the tracer's
 characteristic ODE. Shared inputs of a tracer term (the atoms' features) are detached, so tracers
@@ -89,9 +89,9 @@ def tracer_fields(
 class IdealCoupling:
     """Ideal particles of a network's weights under the reduced limit (§B.4 item 3).
 
-    Made by :meth:`~mflightning.ReducedLimitSolver.couple`; its tracers advance with every
-    solver step, and :meth:`ideal_weights` reads them at the solver's current time. Same interface
-    as :class:`~mflightning.limit.coupling.Coupling` (``solver``, ``method``, ``ideal_weights``,
+    Made by ``couple``; its tracers advance with every
+    solver step, and ``ideal_weights`` reads them at the solver's current time. Same interface
+    as ``Coupling`` (``solver``, ``method``, ``ideal_weights``,
     ``ideal_biases``); there are no index sets.
 
     Ideal particles (u: the network's own initial values; g, w#, b* the solver's fields):

@@ -25,12 +25,12 @@ multipliers ``M_1`` (``w_1``, and ``g_2(u_1)`` for L >= 4), ``M_L`` (``w_L``, ``
 ``M_1 M_3`` (the L = 3 table) and 1 (the scalars ``w_i#``, ``b_i*`` and the readout bias): each
 multiplier is the number of
 atoms a field's gradient is averaged over, as the §1.2 multipliers are for the brute-force solver.
-The solver therefore takes autograd gradients of :func:`~mflightning.losses.mean_field_loss` on the
+The solver therefore takes autograd gradients of ``mean_field_loss`` on the
 reduced forward pass and makes the explicit-Euler step ``f <- f - lr * multiplier * dLoss/df``,
-the same discretisation as full-batch GD of :class:`~mflightning.ParticleLimitSolver`.
+the same discretisation as full-batch GD of ``ParticleLimitSolver``.
 
 Networks are coupled by ideal-particle integration (§B.4 item 3): their end-layer neurons ride
-along as zero-valued tracer terms of the same forward pass (:mod:`mflightning.limit.ideal`).
+along as zero-valued tracer terms of the same forward pass (``mflightning.limit.ideal``).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ _USE_PARTICLES = "use mflightning.ParticleLimitSolver (brute force) for this net
 
 
 def _law_mean(layer: MeanFieldLinear) -> float:
-    """The mean ``mu_i`` of a layer's init law (known: checked by :func:`_check_reducible`)."""
+    """The mean ``mu_i`` of a layer's init law (known: checked by ``_check_reducible``)."""
     mean = layer.init_law.mean
     assert mean is not None
     return float(mean)
@@ -63,7 +63,7 @@ def _check_reducible(network: object) -> list[MeanFieldLinear]:
     """The layers of a network whose limit the §B.3 systems describe.
 
     Raises:
-        ValueError: not a :class:`MeanFieldMLP`, non-constant initial biases in a degenerate
+        ValueError: not a ``MeanFieldMLP``, non-constant initial biases in a degenerate
             layer, or a middle law with an unknown mean.
     """
     if not isinstance(network, MeanFieldMLP):
@@ -96,9 +96,9 @@ class ReducedLimitSolver(EulerSolver):
 
     The atoms are the network's first-layer rows ``U_1`` and readout columns ``U_L``; the middle
     layers enter only through the means ``mu_i = layer.init_law.mean`` (their drawn weights are
-    ignored: the network must have iid init). Each :meth:`step` is one explicit-Euler step with
+    ignored: the network must have iid init). Each ``step`` is one explicit-Euler step with
     step ``lr`` of the §B.3 system (see the module docstring), so that physical time advances by
-    ``lr`` as for :class:`~mflightning.ParticleLimitSolver`. Frozen layers do not move
+    ``lr`` as for ``ParticleLimitSolver``. Frozen layers do not move
     (``xi_i = 0``); frozen first and last layers give the Araújo–Oliveira–Yukimura limit.
 
     Cost per step: O(M_1 P d) + O(M_L P) + O(P) per middle layer for L >= 4 — independent of
@@ -110,19 +110,19 @@ class ReducedLimitSolver(EulerSolver):
     laws are read, and iid draws are assumed, not checked. The means are used exactly as the laws
     state them; in a float32 network constant middle weights are rounded (``0.8`` becomes
     ``0.800000011920929``), so compare with the brute force on a float64 network. Networks are
-    coupled by ideal-particle integration (§B.4 item 3, :meth:`couple`), at t = 0.
+    coupled by ideal-particle integration (§B.4 item 3, ``couple``), at t = 0.
 
-    State (:attr:`fields`): ``"w1"`` (M_1, d); L = 2: ``"w2"`` (out, M_1); L = 3: ``"g2"``
+    State (``fields``): ``"w1"`` (M_1, d); L = 2: ``"w2"`` (out, M_1); L = 3: ``"g2"``
     (M_3, M_1) and ``"w3"`` (out, M_3); L >= 4: ``"g2"`` (M_1,), ``"w<i>#"`` (scalars,
     3 <= i <= L-2), ``"g<L-1>"`` (M_L,) and ``"w<L>"`` (out, M_L); biases ``"b<i>"``: (M_1,) for
     i = 1, (M_L,) for i = L-1, () for the degenerate layers, (out,) for the readout.
 
     Args:
-        network: a :class:`~mflightning.MeanFieldMLP` with iid init whose middle laws have known
+        network: a ``MeanFieldMLP`` with iid init whose middle laws have known
             means and whose degenerate layers have constant initial biases; it holds the atoms
             and is not modified. Widths may differ.
         lr: Euler step ``h = eps`` (> 0); the solver time after k steps is ``k * lr``.
-        loss: loss convention of :func:`mflightning.losses.mean_field_loss`.
+        loss: loss convention of ``mflightning.losses.mean_field_loss``.
         dtype: floating dtype of the state (float64 by default, §E.2).
         device: device of the state (default: that of ``network``).
 
@@ -205,7 +205,7 @@ class ReducedLimitSolver(EulerSolver):
     def _forward(self, x: Tensor, tracers: Sequence[dict[str, Tensor]] = ()) -> Tensor:
         """``yhat(x)`` of the §B.3 system for the current state (autograd-tracked).
 
-        Each tracer set (:mod:`mflightning.limit.ideal`) adds ``ghost(z) / M`` terms to the
+        Each tracer set (``mflightning.limit.ideal``) adds ``ghost(z) / M`` terms to the
         population averages: zero in value, with the gradient its tracers' ODEs need. Inside a
         tracer term the atoms' features are detached, so the atoms' gradients are unchanged.
         """
@@ -303,13 +303,13 @@ class ReducedLimitSolver(EulerSolver):
 
         The network keeps its own iid initial values ``u`` (it is *not* a subsample of the
         atoms); each of its neurons gets the ideal particle integrated from ``u`` under the
-        deterministic limit fields (see :class:`~mflightning.limit.ideal.IdealCoupling`). Its
+        deterministic limit fields (see ``IdealCoupling``). Its
         first-layer rows and readout columns become *tracers* of the solver
-        (:mod:`mflightning.limit.ideal`) that advance with every later :meth:`step`/:meth:`run`.
+        (``mflightning.limit.ideal``) that advance with every later ``step``/``run``.
 
         Couple at t = 0, before any step: the ideal particles start from the network's
         initial values at the solver's initial time. Couplings are not part of
-        :meth:`state_dict`, so a coupled run cannot be resumed (:meth:`load_state_dict` refuses).
+        ``state_dict``, so a coupled run cannot be resumed (``load_state_dict`` refuses).
 
         Cost: each coupling adds, per step, O(n_1 P d) for its first-layer tracers and
         O(n_{L-1} P) for its readout tracers (O(n_{L-1} M_1 P + n_1 M_3 P + n_1 n_2 P) for
@@ -393,7 +393,7 @@ class ReducedLimitSolver(EulerSolver):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume exactly from :meth:`state_dict` (same architecture, ``lr`` and ``loss``).
+        """Resume exactly from ``state_dict`` (same architecture, ``lr`` and ``loss``).
 
         Raises:
             ValueError: another ``lr`` or ``loss``, fields of another architecture, or a solver

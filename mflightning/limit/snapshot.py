@@ -1,8 +1,8 @@
 """What a finite network is compared with: the limit at one time, and the gaps to it (§C).
 
-A :class:`LimitSnapshot` holds the limit's output on the probe inputs, its loss on the loss data
-and (for coupled runs) the ideal particles of the finite network's weights. :func:`take_snapshot`
-reads one off a live solver; :func:`gaps_to_limit` measures a finite network against one:
+A ``LimitSnapshot`` holds the limit's output on the probe inputs, its loss on the loss data
+and (for coupled runs) the ideal particles of the finite network's weights. ``take_snapshot``
+reads one off a live solver; ``gaps_to_limit`` measures a finite network against one:
 
 * ``limit/output_gap``: RMS over the probe of ``yhat_N(x) - yhat_inf(x)`` (§C.1);
 * ``limit/loss_gap``:   ``|L_N - L_inf|`` on the loss data (§C.2);
@@ -63,7 +63,7 @@ def take_snapshot(
 
 
 def _finite(what: str, value: Tensor) -> Tensor:
-    """``value``, or a :class:`DivergenceError` naming ``what`` if it has NaN or inf."""
+    """``value``, or a ``DivergenceError`` naming ``what`` if it has NaN or inf."""
     if not torch.isfinite(value).all():
         raise DivergenceError(f"the network's {what} is not finite")
     return value

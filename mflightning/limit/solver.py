@@ -10,7 +10,7 @@ solver integrates that flow by explicit Euler with step ``h = lr``:
 with ``Grad_i = n_{i-1} n_i dLoss/dw_i`` the normalized gradients of §1.1 and the expectation over
 the population (one fixed batch) or over the minibatch fed at step k ("SGD-coupled" solver, §B.4).
 One Euler step is therefore literally one full-batch SGD step of the width-M network with the
-param groups of :func:`mflightning.param_groups` (``rule="sgd"``); frozen layers stay fixed.
+param groups of ``mflightning.param_groups`` (``rule="sgd"``); frozen layers stay fixed.
 Its error against the true limit is O(M^{-1/2}) + O(h) (§B.4).
 """
 
@@ -84,10 +84,10 @@ def check_solver_args(lr: float, loss: str, dtype: torch.dtype) -> None:
 
 
 class EulerSolver(ABC):
-    """Shared driver of the explicit-Euler limit solvers: clock, batch checks, :meth:`run`.
+    """Shared driver of the explicit-Euler limit solvers: clock, batch checks, ``run``.
 
     Subclasses set ``lr``, ``loss``, ``dtype``, ``device``, ``_time_step`` and ``_steps`` and
-    implement :meth:`_euler_step` (one step on a prepared batch) and :meth:`__call__`.
+    implement ``_euler_step`` (one step on a prepared batch) and ``__call__``.
     """
 
     lr: float
@@ -211,7 +211,7 @@ class EulerSolver(ABC):
                 raise ValueError("`data` yielded no batches.")
 
     def _check_saved(self, state_dict: dict[str, Any]) -> None:
-        """Refuse a :meth:`state_dict` saved with another ``lr`` or ``loss``."""
+        """Refuse a ``state_dict`` saved with another ``lr`` or ``loss``."""
         for key in ("lr", "loss"):
             if state_dict[key] != getattr(self, key):
                 raise ValueError(
@@ -224,20 +224,20 @@ class ParticleLimitSolver(EulerSolver):
     """Brute-force particle solver of the mean-field limit (mf-theory.md §B.4, equations §B.2).
 
     The given width-M network is deep-copied into ``dtype``/``device``: its neurons are the M
-    particles (atoms) of the neuronal embedding. Each :meth:`step` is one explicit-Euler step
+    particles (atoms) of the neuronal embedding. Each ``step`` is one explicit-Euler step
     ``w <- w - lr * Grad`` of the population gradient flow, i.e. one full-batch SGD step with the
     §1.2 multipliers; physical time advances by ``lr`` (§1.1).
 
     Supported networks: any module whose parameters all live in mean-field layers — a
-    :class:`~mflightning.MeanFieldMLP` or :class:`~mflightning.MeanFieldConvNet` (stepping and
-    coupling, :meth:`couple`) or an
+    ``MeanFieldMLP`` or ``MeanFieldConvNet`` (stepping and
+    coupling, ``couple``) or an
     ``nn.Sequential`` of mean-field linear/conv layers and parameter-free activations (stepping
     only; coupling needs ``with_widths``).
 
     Args:
         network: the width-M mean-field network holding the initial particles (not modified).
         lr: Euler step ``h = eps`` (> 0); the solver time after k steps is ``k * lr``.
-        loss: loss convention of :func:`mflightning.losses.mean_field_loss`
+        loss: loss convention of ``mflightning.losses.mean_field_loss``
             (``"mse"``, ``"half_mse"`` or ``"cross_entropy"``).
         dtype: floating dtype of the particles (float64 by default, §E.2).
         device: device of the particles (default: that of ``network``).
@@ -313,8 +313,8 @@ class ParticleLimitSolver(EulerSolver):
     ) -> tuple[MeanFieldStack, Coupling]:
         """A width-``widths`` network whose neurons are sampled particles (§B.4).
 
-        See :func:`mflightning.limit.coupling.couple` for the arguments; couple at any time
-        (typically t = 0, before :meth:`step`), then train the small network alongside.
+        See ``mflightning.limit.coupling.couple`` for the arguments; couple at any time
+        (typically t = 0, before ``step``), then train the small network alongside.
         """
         return couple(self, widths, generator=generator, method=method, dtype=dtype)
 
@@ -331,7 +331,7 @@ class ParticleLimitSolver(EulerSolver):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume exactly from :meth:`state_dict` (same architecture, ``lr`` and ``loss``).
+        """Resume exactly from ``state_dict`` (same architecture, ``lr`` and ``loss``).
 
         Raises:
             ValueError: the state was saved with another ``lr`` or ``loss``.
