@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.common_types import _size_1_t, _size_2_t
 
 from mflightning.laws import InitLaw, InPlaceInit, Normal, as_law
@@ -173,6 +174,8 @@ class MeanFieldLinear(MeanFieldLayer, nn.Linear):  # type: ignore[misc]  # torch
         The product accumulates inside the GEMM and is scaled once, as ``(1/n) sum`` should be
         (§E.2 item 11); no extra pass over the output is needed for the bias.
         """
+        if self.forward_scale == 1.0:  # an input layer with input_scale 1: torch's own linear
+            return F.linear(input, self.weight, self.bias)
         if input.dim() != 2:  # a GEMM takes matrices: fold the leading dims into rows
             rows = input.reshape(-1, self.in_features)
             return self.forward(rows).view(*input.shape[:-1], self.out_features)
@@ -191,12 +194,18 @@ class _MeanFieldConvNd(MeanFieldLayer):
         def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
 
     def forward(self, input: Tensor) -> Tensor:
-        """``forward_scale * conv(input, W) + b``: kernel positions summed, channels averaged."""
+        """``forward_scale * conv(input, W) + b``: kernel positions summed, channels averaged.
+
+        Computed as ``s * conv(input, W, b / s)`` with ``s = forward_scale``: the bias rides in
+        the convolution (as in ``nn.Conv2d``) and the sum is scaled once after it accumulates
+        (§E.2 item 11), one pass over the output instead of two.
+        """
+        scale = self.forward_scale
+        if scale == 1.0:  # an input layer with input_scale 1: torch's own convolution
+            return self._conv_forward(input, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias / scale
         # in place: the convolution's backward does not need its output
-        output = self._conv_forward(input, self.weight, None).mul_(self.forward_scale)
-        if self.bias is None:
-            return output
-        return output.add_(self.bias.view(-1, *([1] * self._spatial_dims)))
+        return self._conv_forward(input, self.weight, bias).mul_(scale)
 
 
 def _check_conv_args(in_channels: int, out_channels: int, groups: int) -> None:

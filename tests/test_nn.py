@@ -60,6 +60,26 @@ def test_conv2d_forward_matches_f_conv2d_over_in_channels() -> None:
     assert conv.lr_multiplier == 30 and conv.bias_lr_multiplier == 5
 
 
+@pytest.mark.parametrize(("role", "input_scale"), [("hidden", 1.0), ("input", 0.5), ("input", 1.0)])
+def test_conv2d_gradients_match_the_formula(role: str, input_scale: float) -> None:
+    """Weight, bias and input gradients of ``s conv(x, W) + b``, s = 1/C_in or input_scale."""
+    conv = MeanFieldConv2d(6, 5, 3, padding=1, role=role, input_scale=input_scale).double()
+    with torch.no_grad():
+        conv.bias.normal_()
+    scale = 1 / 6 if role == "hidden" else input_scale
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64, requires_grad=True)
+    weight = conv.weight.detach().clone().requires_grad_(True)
+    bias = conv.bias.detach().clone().requires_grad_(True)
+    expected = scale * F.conv2d(x, weight, None, padding=1) + bias.view(1, -1, 1, 1)
+    target = torch.randn_like(expected)
+    ours = conv(x)
+    torch.testing.assert_close(ours, expected, rtol=1e-13, atol=1e-13)
+    got = torch.autograd.grad((ours * target).sum(), [x, conv.weight, conv.bias])
+    want = torch.autograd.grad((expected * target).sum(), [x, weight, bias])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_conv2d_input_role_sums_kernel_and_channels() -> None:
     conv = MeanFieldConv2d(3, 4, (3, 2), role="input", input_scale=0.5)
     x = torch.randn(2, 3, 7, 7)
