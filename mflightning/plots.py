@@ -19,6 +19,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from mflightning.io import atomic_target
 from mflightning.widthfit import SlopeFit
 
 FIGSIZE = (6.0, 4.5)
@@ -26,8 +27,10 @@ DPI = 100
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (a crash leaves the previous figure intact)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with atomic_target(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or "png")
     return path
 
 

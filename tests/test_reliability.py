@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import signal
 import time
@@ -308,33 +307,51 @@ def test_checkpoint_hparams_never_build_foreign_classes_or_call_functions(
 # --- atomic outputs -----------------------------------------------------------------------------
 
 
+def _half_written_then_disk_full(path: Path, data: bytes) -> None:
+    Path(path).write_bytes(data[: len(data) // 2])
+    raise OSError(28, "No space left on device")
+
+
 def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "report.json"
     mio.atomic_write_json(path, {"version": 1})
-    real_fdopen = os.fdopen
+    real_write_text = Path.write_text
 
-    class Crashing:
-        def __init__(self, fd: int, mode: str) -> None:
-            self.file = real_fdopen(fd, mode)
+    def crashing_write_text(self: Path, text: str, *args: Any, **kwargs: Any) -> int:
+        _half_written_then_disk_full(self, text.encode())
+        return real_write_text(self, text)  # never reached
 
-        def __enter__(self) -> Crashing:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.file.close()
-
-        def write(self, text: str) -> None:
-            self.file.write(text[: len(text) // 2])  # half written, then the disk "fails"
-            raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(mio.os, "fdopen", Crashing)
+    monkeypatch.setattr(Path, "write_text", crashing_write_text)
     with pytest.raises(OSError, match="No space"):
         mio.atomic_write_json(path, {"version": 2, "padding": "x" * 1000})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_a_failed_figure_keeps_the_previous_png_and_leaves_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    from mflightning import plots
+
+    path = tmp_path / "output_gap.png"
+    plots._save(Figure(), path)
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def crashing_savefig(self: Figure, target: Path, **kwargs: Any) -> None:
+        _half_written_then_disk_full(target, before)
+
+    monkeypatch.setattr(Figure, "savefig", crashing_savefig)
+    with pytest.raises(OSError, match="No space"):
+        plots._save(Figure(figsize=(2, 2)), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["output_gap.png"]
 
 
 # --- W&B without network ------------------------------------------------------------------------
