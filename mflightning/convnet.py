@@ -15,13 +15,14 @@ image size) and the readout sees one feature per channel, so every lr multiplier
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
 
 from mflightning.laws import InitLaw
 from mflightning.nn import ZERO, MeanFieldConv2d, MeanFieldLinear, check_positive_int
-from mflightning.stack import MeanFieldStack, layer_role
+from mflightning.stack import MeanFieldStack, check_input_dtype, layer_role
 
 
 class MeanFieldConvNet(MeanFieldStack):
@@ -102,8 +103,28 @@ class MeanFieldConvNet(MeanFieldStack):
         )
         self.add_module(f"layer{depth}", readout)
 
+    def check_input(self, x: Tensor, name: str = "x") -> None:
+        """Raise ``ValueError`` naming ``name`` unless ``x`` is ``([batch,] C_in, H, W)`` floats.
+
+        The dtype must be the weights' (under autocast, any floating dtype).
+        """
+        first = cast(MeanFieldConv2d, self.layer1)
+        if not isinstance(x, Tensor) or x.dim() not in (3, 4) or x.shape[-3] != first.in_channels:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"`{name}` must have shape (batch, {first.in_channels}, height, width) for this "
+                f"network (in_channels={first.in_channels}), got {shape}; images need a channel "
+                "dimension, e.g. x.unsqueeze(1) for grey-scale."
+            )
+        check_input_dtype(x, first.weight, name)
+
     def forward(self, x: Tensor) -> Tensor:
-        """``phi_L(readout(mean over positions of the last hidden activations)))``."""
+        """``phi_L(readout(mean over positions of the last hidden activations)))``.
+
+        Raises:
+            ValueError: ``x`` has the wrong shape, channel count or dtype.
+        """
+        self.check_input(x)
         *convs, readout = self.layers
         *hidden, last = self._activations
         for conv, activation in zip(convs, hidden, strict=True):

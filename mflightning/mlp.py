@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mflightning.laws import InitLaw
 from mflightning.nn import ZERO, MeanFieldLinear, check_positive_int
-from mflightning.stack import MeanFieldStack, layer_role
+from mflightning.stack import MeanFieldStack, check_input_dtype, layer_role
 
 
 class MeanFieldMLP(MeanFieldStack):
@@ -92,13 +92,7 @@ class MeanFieldMLP(MeanFieldStack):
                 f"`{name}` must have shape (batch, {first.in_features}) for this network "
                 f"(in_features={first.in_features}), got {shape}; reshape or select features."
             )
-        if x.dtype != first.weight.dtype and not (
-            x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
-        ):
-            raise ValueError(
-                f"`{name}` has dtype {x.dtype} but the network's weights are "
-                f"{first.weight.dtype}; convert it with .to({first.weight.dtype})."
-            )
+        check_input_dtype(x, first.weight, name)
 
     def forward(self, x: Tensor) -> Tensor:
         """``phi_L(H_L(x))`` with ``H_i`` of §1.1.

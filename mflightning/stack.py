@@ -40,6 +40,17 @@ def per_layer(value: Any, depth: int, name: str) -> list[Any]:
     return values
 
 
+def check_input_dtype(x: Tensor, weight: Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``x`` has the weights' dtype (or autocast)."""
+    if x.dtype != weight.dtype and not (
+        x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
+    ):
+        raise ValueError(
+            f"`{name}` has dtype {x.dtype} but the network's weights are {weight.dtype}; "
+            f"convert it with .to({weight.dtype})."
+        )
+
+
 def layer_role(index: int, depth: int) -> Role:
     """Role of weight layer ``index`` (1-based) in a stack of ``depth`` layers."""
     return "input" if index == 1 else "readout" if index == depth else "hidden"

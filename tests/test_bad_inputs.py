@@ -16,7 +16,14 @@ import torch
 from lightning.pytorch import Trainer
 from torch import nn
 
-from mflightning import MeanFieldLinear, MeanFieldMLP, MeanFieldModule, Normal, ParticleLimitSolver
+from mflightning import (
+    MeanFieldConvNet,
+    MeanFieldLinear,
+    MeanFieldMLP,
+    MeanFieldModule,
+    Normal,
+    ParticleLimitSolver,
+)
 from mflightning.callbacks import LimitTracker
 from mflightning.cli import sweep
 from mflightning.config import build
@@ -32,6 +39,10 @@ Case = Callable[[Path], Any]
 
 def _net(width: int = 8) -> MeanFieldMLP:
     return MeanFieldMLP(10, [width, width], activations=["relu", "tanh", "identity"])
+
+
+def _convnet() -> MeanFieldConvNet:
+    return MeanFieldConvNet(3, [4, 4])
 
 
 def _module(**kwargs: Any) -> MeanFieldModule:
@@ -103,6 +114,10 @@ CASES: list[tuple[str, Case, type[Exception], str]] = [
     ("mlp-dtype", lambda _: _net()(torch.randn(4, 10, dtype=torch.float64)), ValueError, "`x`"),
     ("mlp-integer-input", lambda _: _net()(torch.ones(4, 10, dtype=torch.long)), ValueError,
      "`x`"),
+    ("convnet-channels", lambda _: _convnet()(torch.randn(2, 5, 8, 8)), ValueError, "`x`"),
+    ("convnet-no-channel-dim", lambda _: _convnet()(torch.randn(2, 8, 8)), ValueError, "`x`"),
+    ("convnet-dtype", lambda _: _convnet()(torch.randn(2, 3, 8, 8, dtype=torch.float64)),
+     ValueError, "`x`"),
     # module
     ("module-lr", lambda _: _module(lr=0.0), ValueError, "`lr`"),
     ("module-loss", lambda _: _module(loss="l1"), ValueError, "`loss`"),
