@@ -11,7 +11,8 @@ The limit solvers raise the same error when their own loss turns non-finite.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,33 +32,50 @@ class DivergenceError(RuntimeError):
     """Training (or the limit solver) produced a non-finite loss: the run has diverged."""
 
 
-def update_sizes(
-    optimizer: Optimizer, grads: Sequence[Sequence[Tensor]] | None = None
-) -> dict[str, Tensor]:
-    """Size of the SGD update of each param group, ``lr * RMS(grad)``, as 0-d tensors.
+@dataclass(frozen=True)
+class GradientNorms:
+    """The gradient norms of an optimizer's param groups at one step, read lazily.
 
-    Args:
-        optimizer: whose param groups (names, lrs) are measured.
-        grads: the gradients of each group; by default the parameters' current ``.grad``.
+    ``measure`` costs one fused read of every gradient (``torch._foreach_norm``, as
+    ``clip_grad_norm_`` does) and never synchronises with the device; the sizes are combined
+    only when ``update_sizes`` is asked for (a divergence message).
 
-    Computed on the gradients' device without synchronising and without copies (one fused read
-    of each gradient, like the optimizer's own step); an overflowing norm reads ``inf``, which
-    counts as the largest. Groups without gradients are left out; unnamed groups are called
-    ``group<i>``.
+    Attributes:
+        groups: per param group, its name (``group<i>`` when unnamed), lr and number of
+            gradient entries; groups without gradients are left out.
+        norms: per kept group, the 2-norms of its gradients as 0-d tensors.
     """
-    if grads is None:
-        groups = optimizer.param_groups
-        grads = [[p.grad for p in g["params"] if p.grad is not None] for g in groups]
-    sizes = {}
-    for i, (group, group_grads) in enumerate(zip(optimizer.param_groups, grads, strict=True)):
-        if group_grads:
-            norm = torch.nn.utils.get_total_norm([g.detach() for g in group_grads])
-            count = sum(g.numel() for g in group_grads)
-            sizes[str(group.get("name", f"group{i}"))] = group["lr"] * norm / math.sqrt(count)
-    return sizes
+
+    groups: list[tuple[str, float, int]]
+    norms: list[list[Tensor]]
+
+    @classmethod
+    def measure(cls, optimizer: Optimizer) -> GradientNorms:
+        """Norms of the gradients the parameters hold now, group by group."""
+        groups, grads = [], []
+        for i, group in enumerate(optimizer.param_groups):
+            group_grads = [p.grad.detach() for p in group["params"] if p.grad is not None]
+            if group_grads:
+                count = sum(g.numel() for g in group_grads)
+                groups.append((str(group.get("name", f"group{i}")), float(group["lr"]), count))
+                grads.append(group_grads)
+        flat = list(torch._foreach_norm([g for gs in grads for g in gs])) if grads else []
+        norms, start = [], 0
+        for group_grads in grads:
+            norms.append(flat[start : start + len(group_grads)])
+            start += len(group_grads)
+        return cls(groups, norms)
+
+    def update_sizes(self) -> dict[str, float]:
+        """``lr * RMS(grad)`` per group; an overflowing norm reads ``inf`` (the largest)."""
+        sizes = {}
+        for (name, lr, count), norms in zip(self.groups, self.norms, strict=True):
+            total = math.sqrt(sum(float(n) ** 2 for n in norms))
+            sizes[name] = lr * total / math.sqrt(count)
+        return sizes
 
 
-def largest_update(sizes: Mapping[str, Tensor]) -> str:
+def largest_update(sizes: Mapping[str, float | Tensor]) -> str:
     """``"<group> (<size>)"`` for the largest update, a non-finite one counting as the largest."""
     if not sizes:
         return "none yet (the loss was non-finite before any update)"
@@ -67,7 +85,7 @@ def largest_update(sizes: Mapping[str, Tensor]) -> str:
 
 
 def divergence_message(
-    who: str, what: str, step: int, time: float, sizes: Mapping[str, Tensor]
+    who: str, what: str, step: int, time: float, sizes: Mapping[str, float | Tensor]
 ) -> str:
     """The message of a ``DivergenceError``: what, where, when, which layer, what to do."""
     return (
@@ -81,12 +99,15 @@ def training_divergence(
 ) -> DivergenceError:
     """A ``DivergenceError`` at the trainer's step, with the size of the last update.
 
-    The sizes come from the gradients a ``DivergenceGuard`` kept for this step if there is
-    one, else from the gradients the optimizer holds now.
+    The sizes come from the norms a ``DivergenceGuard`` measured at the last optimizer step, or
+    (without a guard) from the gradients the optimizer holds now.
     """
     guards = [c for c in trainer.callbacks if isinstance(c, DivergenceGuard)]  # type: ignore[attr-defined]
-    kept = guards[0].last_gradients if guards else None
-    sizes = update_sizes(trainer.optimizers[0], kept) if trainer.optimizers else {}
+    if guards:
+        norms = guards[0].last_step
+    else:
+        norms = GradientNorms.measure(trainer.optimizers[0]) if trainer.optimizers else None
+    sizes = norms.update_sizes() if norms is not None else {}
     time = float(getattr(pl_module, "mf_time", math.nan))
     return DivergenceError(divergence_message("training", what, trainer.global_step, time, sizes))
 
@@ -104,20 +125,18 @@ class DivergenceGuard(Callback):
     """Raises ``DivergenceError`` at the first non-finite training loss, before its backward.
 
     A non-finite *batch* raises ``ValueError`` instead (the data, not the lr, is at fault). The
-    finiteness check costs one scalar synchronisation per step. The size of the last update in
-    the message is measured only when the loss is non-finite, from the gradients of the last
-    optimizer step: the guard keeps references to them (no copies) from just before
-    ``zero_grad`` until the finiteness check, which runs before the new gradients are allocated,
-    so no extra memory is held while they are.
+    finiteness check costs one scalar synchronisation per step. Just before every optimizer step
+    the guard records the gradient norms (``GradientNorms.measure``: one fused read, no
+    synchronisation); the update sizes of the message are computed from them only on divergence.
+    This covers automatic and manual optimization, accumulation and validation loops alike.
 
     Attributes:
-        last_gradients: per param group, the gradients of the last optimizer step, between
-            ``zero_grad`` and the check (``None`` otherwise).
+        last_step: the gradient norms of the last optimizer step (``None`` before the first).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.last_gradients: list[list[Tensor]] | None = None
+        self.last_step: GradientNorms | None = None
         self._batch: Any = None
 
     @override
@@ -128,33 +147,26 @@ class DivergenceGuard(Callback):
         self._batch = batch
 
     @override
-    def on_before_zero_grad(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
-        """Keep references to the last step's gradients, which ``zero_grad`` is about to drop."""
-        self.last_gradients = [
-            [p.grad for p in group["params"] if p.grad is not None]
-            for group in optimizer.param_groups
-        ]
-
-    @override
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
         """Stop on a non-finite loss, naming the step, ``mf_time`` and the largest update."""
-        try:
-            if bool(torch.isfinite(loss.detach()).all()):
-                return
-            step = trainer.global_step
-            if non_finite_inputs(self._batch):
-                raise ValueError(
-                    f"the training `batch` at step {step} contains NaN or infinite values; clean "
-                    "the data (or drop those rows) before training."
-                )
-            what = f"the loss is {float(loss.detach().sum())}"
-            raise training_divergence(trainer, pl_module, what)
-        finally:  # free the old gradients before the backward pass allocates the new ones
-            self.last_gradients = None
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        step = trainer.global_step
+        if non_finite_inputs(self._batch):
+            raise ValueError(
+                f"the training `batch` at step {step} contains NaN or infinite values; clean the "
+                "data (or drop those rows) before training."
+            )
+        raise training_divergence(trainer, pl_module, f"the loss is {float(loss.detach().sum())}")
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        """Record the gradient norms of the coming update."""
+        self.last_step = GradientNorms.measure(optimizer)
 
     @override
     def on_train_batch_end(

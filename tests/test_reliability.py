@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -106,6 +107,53 @@ def test_huge_lr_stops_training_with_step_time_layer_and_hint(tmp_path: Path) ->
     assert saved == list(range(1, step + 1))  # every good step kept, none after the divergence
     last = torch.load(tmp_path / "ckpt" / f"epoch={step - 1}-step={step}.ckpt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+class _RecordUpdateSizes(Callback):
+    """Independent record of ``lr * RMS(grad)`` per group at every optimizer step (numpy)."""
+
+    def on_before_optimizer_step(self, trainer: Trainer, module: Any, optimizer: Any) -> None:
+        self.sizes = {}
+        for group in optimizer.param_groups:
+            grads = [p.grad.double().numpy().ravel() for p in group["params"] if p.grad is not None]
+            if grads:
+                rms = np.sqrt(np.mean(np.concatenate(grads) ** 2))
+                self.sizes[group["name"]] = group["lr"] * rms
+
+
+class _ManualModule(MeanFieldModule):
+    """The same training with manual optimization (zero_grad, manual_backward, step)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        optimizer = self.optimizers()
+        loss, _ = self._shared_step(batch)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
+@pytest.mark.parametrize("loop", ["validation every step", "manual optimization"])
+def test_divergence_reports_the_last_update_in_every_loop(tmp_path: Path, loop: str) -> None:
+    record = _RecordUpdateSizes()
+    if loop == "manual optimization":
+        module = _ManualModule(_net(), lr=1e4, loss="half_mse")
+        trainer = _trainer(tmp_path, 50, [record])
+    else:
+        module = MeanFieldModule(_net(), lr=1e4, loss="half_mse")
+        trainer = _trainer(tmp_path, 50, [record], limit_val_batches=1, val_check_interval=1)
+    with pytest.raises(DivergenceError) as info:
+        trainer.fit(module, _data())
+    message = str(info.value)
+    assert "none yet" not in message
+    name, size = message.split("largest last update: ")[1].split(" (lr * RMS grad = ")
+    expected = max(record.sizes.values(), key=lambda v: v if math.isfinite(v) else math.inf)
+    assert record.sizes[name] == expected
+    assert float(size.split(")")[0]) == pytest.approx(expected, rel=1e-2)
 
 
 def test_limit_solver_stops_on_a_non_finite_loss() -> None:

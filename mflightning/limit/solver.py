@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mflightning.guards import DivergenceError, divergence_message, update_sizes
+from mflightning.guards import DivergenceError, GradientNorms, divergence_message
 from mflightning.limit.coupling import Coupling, Method, couple
 from mflightning.losses import LossName, check_loss_name, mean_field_loss
 from mflightning.scaling import mean_field_layers, param_groups, time_step
@@ -286,7 +286,7 @@ class ParticleLimitSolver(EulerSolver):
             loss = mean_field_loss(self.loss, self._network(x), y)
             if not torch.isfinite(loss):
                 what = f"the loss is {loss.item()}"
-                sizes = update_sizes(self._optimizer)  # the previous step's gradients
+                sizes = GradientNorms.measure(self._optimizer).update_sizes()  # last step's
                 message = divergence_message("limit solver", what, self._steps, self.time, sizes)
                 raise DivergenceError(message)
             self._optimizer.zero_grad(set_to_none=True)
