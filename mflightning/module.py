@@ -159,6 +159,7 @@ class MeanFieldModule(LightningModule):
         hparams |= _network_hparams(network)
         self.save_hyperparameters(hparams)
         self.train_accuracy = MeanMetric()
+        self._batch_mf_time: float | None = None  # mf_time of the batch being trained on
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
 
@@ -240,14 +241,23 @@ class MeanFieldModule(LightningModule):
         loss, correct = self._shared_step(batch)
         self.train_accuracy.update(correct)
         self.log("train/loss", loss, prog_bar=True)
-        if _loggers_written_this_step(self._trainer):
-            self.log("mf_time", self.mf_time)
+        self._batch_mf_time = self.mf_time  # logged in on_train_batch_end if it will be written
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log the ``mf_time`` of the step just taken, on the steps the loggers are written.
+
+        Decided here, after every callback's ``on_train_batch_end`` (one may stop training, which
+        makes Lightning write this step), right before Lightning writes the step's values.
+        """
+        time, self._batch_mf_time = self._batch_mf_time, None
+        if time is not None and _loggers_written_this_step(self._trainer):
+            self.log("mf_time", time)
+
     def on_train_epoch_end(self) -> None:
-        """Log ``train/accuracy`` over the epoch (synchronised across processes) and reset it."""
-        self.log("train/accuracy", self.train_accuracy.compute())
-        self.train_accuracy.reset()
+        """Log ``train/accuracy`` over the epoch (synchronised across processes by torchmetrics)."""
+        if self.train_accuracy.update_count:  # none when resuming at the epoch's last batch
+            self.log("train/accuracy", self.train_accuracy)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Accumulates ``val/loss`` and ``val/accuracy`` over the validation set."""

@@ -6,10 +6,11 @@ import csv
 import functools
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from mflightning import MeanFieldMLP, MeanFieldModule, Normal, TrivialLimitWarning
@@ -55,6 +56,29 @@ def test_fit_logs_loss_accuracy_and_mf_time(tmp_path: Path, every: int) -> None:
     assert any(r.get("val/loss") for r in rows) and any(r.get("val/accuracy") for r in rows)
     assert any(r.get("train/accuracy") for r in rows)
     assert module.mf_time == pytest.approx(6 * 0.05)
+
+
+class _StopAfter(Callback):
+    """Stops training in ``on_train_batch_end`` of the given batch (as Timer or a user would)."""
+
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if args[-1] == self.batch_idx:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("every", [2, 50])
+def test_mf_time_is_current_when_a_callback_stops_mid_interval(tmp_path: Path, every: int) -> None:
+    """A stop between two logging steps makes Lightning write that step: mf_time must be in it."""
+    module = MeanFieldModule(_net(), lr=0.05, loss="half_mse")
+    trainer = _trainer(tmp_path, log_every_n_steps=every, callbacks=[_StopAfter(2)])
+    trainer.fit(module, IsotropicGaussians(n_train=64, n_val=32, batch_size=8))
+    train = [r for r in _read_metrics(tmp_path) if r.get("train/loss")]
+    assert train and int(train[-1]["step"]) == 2
+    for row in train:
+        assert float(row["mf_time"]) == pytest.approx(int(row["step"]) * 0.05)
 
 
 def test_training_applies_the_multiplied_learning_rates(tmp_path: Path) -> None:
