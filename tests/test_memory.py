@@ -26,31 +26,43 @@ def _peak_step_bytes(solver: ParticleLimitSolver, x: torch.Tensor, y: torch.Tens
 @pytest.mark.parametrize("depth", [2, 3, 4, 5])
 @pytest.mark.parametrize(("width", "points"), [(512, 64), (256, 1024)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu", "sin"])
 def test_solver_step_peak_is_within_the_documented_bound(
-    depth: int, width: int, points: int, dtype: torch.dtype
+    depth: int, width: int, points: int, dtype: torch.dtype, activation: str
 ) -> None:
-    network = MeanFieldMLP(10, [width] * (depth - 1), generator=torch.Generator().manual_seed(0))
+    network = MeanFieldMLP(
+        10,
+        [width] * (depth - 1),
+        activations=[activation] * (depth - 1) + ["identity"],
+        generator=torch.Generator().manual_seed(0),
+    )
     x = torch.randn(points, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.randn(points, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     solver = ParticleLimitSolver(network, 0.05, dtype=dtype)
     peak = _peak_step_bytes(solver, x, y)
     bound = solver_step_bytes(network, points, dtype)
     state = 2 * sum(p.numel() for p in solver.network.parameters()) * dtype.itemsize
+    # the bound allows weights + gradients + O(P M): where that workspace is smaller than one
+    # M x M matrix (P = 64, M = 512, L >= 3), peak <= bound rules out any extra M x M buffer
     assert peak <= bound, f"peak {peak} B above the bound {bound} B"
-    assert peak >= 0.75 * bound, f"the bound {bound} B is loose (peak {peak} B)"
-    if depth > 2 and points < width:  # no M x M buffer beyond the weights and their gradients
-        assert peak - state < width * width * dtype.itemsize
+    assert peak >= 0.6 * bound, f"the bound {bound} B is loose (peak {peak} B)"
+    assert peak > state
 
 
-def test_largest_width_inverts_the_bound() -> None:
-    for depth, dtype in [(3, torch.float32), (4, torch.float64), (2, torch.float32)]:
-        budget = 2.0**30
-        m = largest_width(budget, points=4096, in_features=10, depth=depth, dtype=dtype)
-        with torch.device("meta"):  # sizes only: no memory
-            fits = MeanFieldMLP(10, [m] * (depth - 1), bias=False)
-            too_big = MeanFieldMLP(10, [m + 1] * (depth - 1), bias=False)
-        assert solver_step_bytes(fits, 4096, dtype) <= budget
-        assert solver_step_bytes(too_big, 4096, dtype) > budget
+@pytest.mark.parametrize(
+    ("depth", "dtype", "activation"),
+    [(3, torch.float32, "relu"), (4, torch.float64, "relu"), (2, torch.float32, "relu"),
+     (3, torch.float32, "gelu"), (5, torch.float64, "silu")],
+)  # fmt: skip
+def test_largest_width_inverts_the_bound(depth: int, dtype: torch.dtype, activation: str) -> None:
+    budget = 2.0**30
+    m = largest_width(budget, 4096, 10, depth=depth, dtype=dtype, activation=activation)
+    activations = [activation] * (depth - 1) + ["identity"]
+    with torch.device("meta"):  # sizes only: no memory
+        fits = MeanFieldMLP(10, [m] * (depth - 1), activations=activations, bias=False)
+        too_big = MeanFieldMLP(10, [m + 1] * (depth - 1), activations=activations, bias=False)
+    assert solver_step_bytes(fits, 4096, dtype) <= budget
+    assert solver_step_bytes(too_big, 4096, dtype) > budget
 
 
 def test_memory_helpers_reject_bad_arguments() -> None:
@@ -60,3 +72,5 @@ def test_memory_helpers_reject_bad_arguments() -> None:
         solver_step_bytes(MeanFieldMLP(2, [4]), 0, torch.float32)
     with pytest.raises(ValueError, match="depth >= 2"):
         largest_width(1e9, points=10, in_features=2, depth=1)
+    with pytest.raises(ValueError, match=r"`memory_bytes`.*fewer points"):
+        largest_width(1e3, points=4096, in_features=10)

@@ -7,17 +7,20 @@ on a GPU, tests/test_memory.py and tests/gpu):
 * the particles: every weight and bias, ``n_params = d M_1 + sum_i M_i M_{i+1} + M_{L-1} out``
   numbers (about ``(L-2) M^2`` for hidden widths M);
 * their gradients: as many again (``zero_grad(set_to_none=True)`` frees the old ones first);
-* the workspace: the P x M_i activations autograd saves for the backward pass plus one P x M
-  gradient in flight, at most ``(L+1) P max_i M_i`` numbers, and the batch itself in the
-  solver's dtype, ``P (d + out)`` numbers.
+* the workspace: the P x M_i tensors autograd saves for the backward pass, ``k_i`` per hidden
+  layer (``k = 1`` for relu, tanh, sigmoid and identity, whose derivative is read from the
+  layer's output, the same tensor the next layer saves; ``k = 2`` for gelu, silu, softplus and
+  sin, which also keep their input), plus two P x M gradients in flight, and the batch itself in
+  the solver's dtype, ``P (d + out)`` numbers.
 
 No other M x M buffer exists: the GEMM results become the gradients in place and SGD updates the
 weights in place. So, with ``b`` bytes per number (4 for float32, 8 for float64),
 
-    peak bytes <= b * (2 n_params + (L + 1) P max_i M_i + P (d + out)).
+    peak bytes <= b * (2 n_params + (sum_i k_i + 2) P max_i M_i + P (d + out)),
 
-For L = 3, d = 10, P = 4096 this is about ``8 M^2 + 65536 M`` bytes in float32: M = 32768 needs
-10.7 GB (21.5 GB in float64), and 95% of an 80 GiB card fits M = 96 979 (table in
+i.e. ``(L + 1) P M`` workspace numbers for relu networks and ``2 L P M`` for gelu ones. For
+L = 3 relu, d = 10, P = 4096 this is about ``8 M^2 + 65536 M`` bytes in float32: M = 32768
+needs 10.7 GB (21.5 GB in float64), and 95% of an 80 GiB card fits M = 96 979 (table in
 docs/guide/limit.md).
 """
 
@@ -30,11 +33,19 @@ import torch
 from mflightning.mlp import MeanFieldMLP
 from mflightning.nn import MeanFieldLinear
 
+# activations whose backward reads their input, kept beside the output the next layer saves
+SAVES_INPUT = frozenset({"gelu", "silu", "softplus", "sin"})
+
+
+def saved_per_hidden_layer(activation: str) -> int:
+    """``k``: the P x M tensors a hidden layer with this activation keeps for the backward."""
+    return 2 if activation in SAVES_INPUT else 1
+
 
 def solver_step_bytes(network: MeanFieldMLP, points: int, dtype: torch.dtype) -> int:
     """Upper bound on one solver step's peak memory (see the module docstring for the terms).
 
-    ``bytes = b (2 n_params + (L+1) P max_i M_i + P (d + out))``.
+    ``bytes = b (2 n_params + (sum_i k_i + 2) P max_i M_i + P (d + out))``.
 
     Args:
         network: the width-M network whose neurons are the particles.
@@ -53,11 +64,12 @@ def solver_step_bytes(network: MeanFieldMLP, points: int, dtype: torch.dtype) ->
     if isinstance(points, bool) or not isinstance(points, int) or points < 1:
         raise ValueError(f"`points` must be a positive integer (P), got {points!r}.")
     n_params = sum(p.numel() for p in network.parameters())
-    widest = max(network.widths)
+    hidden = network.activation_names[:-1]
+    saved = sum(saved_per_hidden_layer(name) for name in hidden) + 2
     first, last = network.layers[0], network.layers[-1]
     assert isinstance(first, MeanFieldLinear) and isinstance(last, MeanFieldLinear)
     batch = points * (first.in_features + last.out_features)
-    return dtype.itemsize * (2 * n_params + (network.depth + 1) * points * widest + batch)
+    return dtype.itemsize * (2 * n_params + saved * points * max(network.widths) + batch)
 
 
 def largest_width(
@@ -67,11 +79,12 @@ def largest_width(
     depth: int = 3,
     dtype: torch.dtype = torch.float32,
     out_features: int = 1,
+    activation: str = "relu",
 ) -> int:
     """The largest hidden width M (all hidden layers M wide, no biases) whose step fits.
 
-    Solves ``b (2 n_params(M) + (L+1) P M + P (d + out)) <= memory_bytes`` with
-    ``n_params(M) = (L-2) M^2 + (d + out) M``.
+    Solves ``b (2 n_params(M) + ((L-1) k + 2) P M + P (d + out)) <= memory_bytes`` with
+    ``n_params(M) = (L-2) M^2 + (d + out) M`` and ``k = saved_per_hidden_layer(activation)``.
 
     Args:
         memory_bytes: memory available to the solver (leave room for the CUDA context, about
@@ -81,9 +94,10 @@ def largest_width(
         depth: L >= 2.
         dtype: the solver's dtype.
         out_features: the output size.
+        activation: the hidden layers' activation.
 
     Raises:
-        ValueError: ``depth`` < 2 or a non-positive size.
+        ValueError: ``depth`` < 2, a non-positive size, or a budget that does not fit M = 1.
     """
     if depth < 2 or points < 1 or in_features < 1 or out_features < 1 or memory_bytes <= 0:
         raise ValueError(
@@ -91,8 +105,16 @@ def largest_width(
             f"in_features={in_features}, out_features={out_features}, memory_bytes={memory_bytes}."
         )
     numbers = memory_bytes / dtype.itemsize - points * (in_features + out_features)
-    quadratic = 2 * (depth - 2)  # a M^2 + b M - numbers = 0
-    linear = 2 * (in_features + out_features) + (depth + 1) * points
+    quadratic = 2 * (depth - 2)  # quadratic M^2 + linear M <= numbers
+    saved = (depth - 1) * saved_per_hidden_layer(activation) + 2
+    linear = 2 * (in_features + out_features) + saved * points
     if quadratic == 0:
-        return int(numbers // linear)
-    return int((-linear + math.sqrt(linear**2 + 4 * quadratic * numbers)) / (2 * quadratic))
+        width = int(numbers // linear)
+    else:
+        width = int((-linear + math.sqrt(linear**2 + 4 * quadratic * numbers)) / (2 * quadratic))
+    if width < 1:
+        raise ValueError(
+            f"`memory_bytes`={memory_bytes:.3g} does not hold even M = 1 with P={points} "
+            "points; give more memory or use fewer points (minibatches)."
+        )
+    return width
