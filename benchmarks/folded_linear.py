@@ -64,8 +64,8 @@ class FoldedMeanFieldLinear(MeanFieldLinear):
         """``forward_scale * input @ W^T + b`` through ``ScaledLinearFunction``."""
         rows, weight, bias = input.reshape(-1, self.in_features), self.weight, self.bias
         device_type = rows.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
+        if torch.is_autocast_enabled(device_type) and rows.dtype != torch.float64:
+            dtype = torch.get_autocast_dtype(device_type)  # autocast leaves float64 alone too
             rows, weight = rows.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         output = ScaledLinearFunction.apply(rows, weight, bias, self.forward_scale)

@@ -37,20 +37,18 @@ def round_to_tf32(x: Tensor, rounding: Rounding = "nearest") -> Tensor:
 
     Works on the bit pattern: ``nearest`` adds half of the dropped range (plus the kept last bit,
     for ties to even) before clearing the 13 low bits; ``truncate`` only clears them. Infinities
-    stay infinite and a finite value may round up to infinity, as in hardware.
+    and NaNs pass through unchanged, and a finite value may round up to infinity, as in hardware.
     """
     if x.dtype != torch.float32:
         return x
     bits = x.contiguous().view(torch.int32)
     if rounding == "nearest":
-        finite = torch.isfinite(x)
         kept_lsb = (bits >> DROPPED_BITS) & 1
-        rounded = torch.where(finite, bits + (_HALF - 1) + kept_lsb, bits)
-    elif rounding == "truncate":
-        rounded = bits
-    else:
+        bits = bits + (_HALF - 1) + kept_lsb
+    elif rounding != "truncate":
         raise ValueError(f"`rounding` must be 'nearest' or 'truncate', got {rounding!r}.")
-    return (rounded & ~_LOW_MASK).view(torch.float32).view(x.shape)
+    rounded = (bits & ~_LOW_MASK).view(torch.float32).view(x.shape)
+    return torch.where(torch.isfinite(x), rounded, x)  # inf and NaN (any payload) pass through
 
 
 class EmulatedTF32(TorchDispatchMode):

@@ -125,7 +125,7 @@ def _loss_gap_compute(finite_sum: Tensor, limit_sum: Tensor, weight_sum: Tensor)
 
 
 def loss_gap(finite_loss: Tensor | float, limit_loss: Tensor | float) -> Tensor:
-    r"""Loss gap (mf-theory.md §C.2): :math:`G_\text{loss} = |\mathcal L_N - \mathcal L_\infty|`.
+    r"""Loss gap (mf-theory.md §C.2): ``G_\text{loss} = |\mathcal L_N - \mathcal L_\infty|``.
 
     Both losses must be evaluated on the same fixed evaluation set. Expected to scale as N^{-1/2}
     per seed (N^{-1} for the difference of seed-averaged loss curves).
@@ -181,7 +181,7 @@ def coupled_deviation(
         \text{dev}_i = \Big(\operatorname{mean}_{\text{weights of layer } i}
         |w_i(j\ldots) - \bar w_i(C(j)\ldots)|^2\Big)^{1/2},
 
-    with :math:`\bar w` the coupled ideal particles (§B.4), entry for entry. The RMS (not the max)
+    with ``\bar w`` the coupled ideal particles (§B.4), entry for entry. The RMS (not the max)
     is used: it scales as N^{-1/2} without the √(log N) factor of the max.
 
     Args:
@@ -308,9 +308,9 @@ def sliced_wasserstein(
         SW_p(\mu, \nu) = \Big(\frac{1}{K}\sum_{k=1}^K W_p^p(\theta_k{}_\# \mu,\,
         \theta_k{}_\# \nu)\Big)^{1/p},
 
-    with :math:`\mu = \frac1n\sum_i \delta_{x_i}`, :math:`\nu = \frac1m\sum_j \delta_{y_j}` and K
-    directions :math:`\theta_k` uniform on the sphere (``sliced_directions``, fixed seed, so the
-    value is deterministic). Each 1-D :math:`W_p` is exact for any counts ``n`` and ``m`` (merge of
+    with ``\mu = \frac1n\sum_i \delta_{x_i}``, ``\nu = \frac1m\sum_j \delta_{y_j}`` and K
+    directions ``\theta_k`` uniform on the sphere (``sliced_directions``, fixed seed, so the
+    value is deterministic). Each 1-D ``W_p`` is exact for any counts ``n`` and ``m`` (merge of
     the two quantile functions; sorting when ``n == m``). For scalar or projected marginals the
     distance between a width-N network's neurons and the limit law scales as N^{-1/2}; uncoupled
     W_p in R^D would only scale as N^{-1/D} (§C.4).

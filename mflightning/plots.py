@@ -26,8 +26,9 @@ FIGSIZE = (6.0, 4.5)
 DPI = 100
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` to ``path`` atomically (a crash leaves the previous figure intact)."""
+    path = Path(path)
     fig.tight_layout()
     with atomic_target(path) as tmp:
         fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or "png")

@@ -85,6 +85,8 @@ def test_tf32_rounding_keeps_eleven_significant_bits(rounding: str) -> None:
         assert ties == [1.0, 1.0 + 4 * 2.0**-11, -1.0]
     special = torch.tensor([float("inf"), -float("inf"), 0.0])
     assert round_to_tf32(special, rounding).tolist() == special.tolist()
+    low_payload_nan = torch.tensor([0x7F800001], dtype=torch.int32).view(torch.float32)
+    assert torch.isnan(round_to_tf32(low_payload_nan, rounding)).all()
 
 
 def test_emulated_tf32_rounds_every_gemm_operand_forward_and_backward() -> None:
