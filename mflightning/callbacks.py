@@ -25,11 +25,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from mflightning.convnet import MeanFieldConvNet
 from mflightning.guards import DivergenceError, training_divergence
 from mflightning.limit import Coupling, ParticleLimitSolver
 from mflightning.limit.snapshot import LimitSnapshot, gaps_to_limit, take_snapshot
-from mflightning.mlp import MeanFieldMLP
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
 from mflightning.stack import MeanFieldStack
@@ -178,8 +176,7 @@ class LimitTracker(Callback):
                 device=pl_module.device,
             )
         self._check_solver(self.solver, pl_module, network)
-        if isinstance(network, (MeanFieldMLP, MeanFieldConvNet)):
-            network.check_input(self._probe_inputs().to(next(network.parameters())), "probe")
+        network.check_input(self._probe_inputs().to(next(network.parameters())), "probe")
 
     @staticmethod
     def _check_solver(

@@ -138,6 +138,10 @@ class MeanFieldStack(nn.Module):
         """Parity of ``phi_1 .. phi_L`` (used by the trivial-limit check, §B.3)."""
         return [a.odd for a in self._activations]
 
+    def check_input(self, x: Tensor, name: str = "x") -> None:
+        """Raise ``ValueError`` naming ``name`` unless ``x`` fits the network (defined by each)."""
+        raise NotImplementedError
+
     def hidden_preactivations(self, x: Tensor) -> list[Tensor]:
         """``[H_1(x), ..., H_L(x)]`` as ``(rows, neurons)`` matrices (defined by each network)."""
         raise NotImplementedError
