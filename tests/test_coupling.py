@@ -1,9 +1,7 @@
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
+from conftest import single_thread
 
 from mflightning import (
     Coupling,
@@ -41,17 +39,6 @@ def gd_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, x, y, loss: 
     optimizer.zero_grad()
     mean_field_loss(loss, net(x), y).backward()
     optimizer.step()
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Small matmuls run far faster on one thread on a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_subsample_equals_particles_at_t0() -> None:

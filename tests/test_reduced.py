@@ -3,13 +3,12 @@ T-DEGEN and T-ARAUJO; degeneracy diagnostics (§C.6)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 import torch
-from conftest import loglog_slope
+from conftest import loglog_slope, single_thread
 from torch import Tensor, nn
 
 from mflightning import (
@@ -137,20 +136,7 @@ def test_exact_with_biases(depth: int, frozen: tuple[str, ...]) -> None:
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(60, 5, generator=gen)
     y = torch.stack([torch.tanh(x[:, 0]), x[:, 1].cos()], dim=1)
-    net = MeanFieldMLP(
-        5,
-        [16, 12, 10, 14][: depth - 1],
-        out_features=2,
-        activations=["relu"] + ["tanh"] * (depth - 2) + ["identity"],
-        init=[Normal(0.1, 1.0)] + [Normal(0.7, 0.0)] * (depth - 2) + [Normal(0.2, 1.0)],
-        bias=True,
-        bias_init=Normal(0.3, 0.0),
-        frozen=frozen,
-        generator=gen,
-    )
-    with torch.no_grad():
-        for i in {1, depth - 1, depth}:
-            net.layers[i - 1].bias.normal_(generator=gen)
+    net = biased_net(depth, [16, 12, 10, 14][: depth - 1], frozen, out_features=2, generator=gen)
     brute = ParticleLimitSolver(net, LR)
     reduced = ReducedLimitSolver(net, LR)
     losses = brute.run((x, y), 15, progress=False)
@@ -320,12 +306,22 @@ def test_divergence_raises_and_keeps_the_state() -> None:
     assert all(torch.isfinite(value).all() for value in solver.fields.values())
 
 
-def biased_net(depth: int, widths: Sequence[int], frozen: Sequence[str] = ()) -> MeanFieldMLP:
-    """tau = 0 middle laws, iid end-atom and readout biases, constant degenerate biases."""
-    gen = torch.Generator().manual_seed(6)
+def biased_net(
+    depth: int,
+    widths: Sequence[int],
+    frozen: Sequence[str] = (),
+    out_features: int = 1,
+    generator: torch.Generator | None = None,
+) -> MeanFieldMLP:
+    """tau = 0 middle laws, iid end-atom and readout biases, constant degenerate biases.
+
+    Drawn from ``generator`` (default: a fresh one seeded 6).
+    """
+    gen = torch.Generator().manual_seed(6) if generator is None else generator
     net = MeanFieldMLP(
         5,
         widths,
+        out_features=out_features,
         activations=["relu"] + ["tanh"] * (depth - 2) + ["identity"],
         init=[Normal(0.1, 1.0)] + [Normal(0.7, 0.0)] * (depth - 2) + [Normal(0.2, 1.0)],
         bias=True,
@@ -337,17 +333,6 @@ def biased_net(depth: int, widths: Sequence[int], frozen: Sequence[str] = ()) ->
         for i in {1, depth - 1, depth}:
             net.layers[i - 1].bias.normal_(generator=gen)
     return net
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Small matmuls run far faster on one thread on a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def layer_weights(net: nn.Module) -> dict[str, Tensor]:
