@@ -1,17 +1,22 @@
 """``LimitTracker``: advance the mean-field limit in lockstep with training and log the gaps.
 
-The callback owns a ``ParticleLimitSolver`` (given, or built at width M
-from the module's network), optionally couples the module's network to it at fit start (§B.4:
-the module's neurons become a subsample of the particles, so every weight has an ideal particle),
-takes one solver step per optimizer step, and every ``every_n_steps`` logs (mf-theory.md §C)
+The callback owns a limit solver (given, or built with M particles or atoms from the module's
+network: ``limit="auto"`` takes the exact ``ReducedLimitSolver`` for deep iid MLPs and the
+``ParticleLimitSolver`` otherwise, ``mflightning.limit.choice``), optionally couples the module's
+network to it at fit start (§B.4: subsampled particles, or ideal particles of the module's own
+initial weights for the reduced solver), takes one solver step per optimizer step, and every
+``every_n_steps`` logs (mf-theory.md §C)
 
 * ``limit/output_gap``: RMS over the probe inputs of ``yhat_N(x) - yhat_inf(x)`` (§C.1);
+* ``limit/relative_output_gap``: the output gap over the output size; the first time it exceeds
+  1/2 (``LEFT_LIMIT_THRESHOLD``) the tracker warns once that the network has left the limit;
 * ``limit/loss_gap``: ``|L_N - L_inf|`` on the probe targets, or on the population (§C.2);
 * ``limit/dev/<layer>``: RMS coupled deviation of each layer's weights (§C.3, coupled runs only);
 * ``limit/time``: the solver's physical time, equal to the module's ``mf_time``.
 
-Its ``state_dict`` holds the particles, the step count and the coupling indices, so a run resumed
-from a checkpoint continues the same limit trajectory.
+Its ``state_dict`` holds the solver state, the step count and the coupling indices, so a run
+resumed from a checkpoint continues the same limit trajectory (the reduced solver's ideal
+particles are not saved: a resumed run logs its output and loss gaps only).
 """
 
 from __future__ import annotations
@@ -22,12 +27,24 @@ from typing import Any, Literal, get_args
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from mflightning.guards import DivergenceError, training_divergence
-from mflightning.limit import Coupling, ParticleLimitSolver
+from mflightning.limit import Coupling, ParticleLimitSolver, ReducedLimitSolver
+from mflightning.limit.choice import (
+    LEFT_LIMIT_THRESHOLD,
+    LIMIT_KINDS,
+    MIN_REDUCED_DEPTH,
+    AnyCoupling,
+    LimitSolver,
+    build_solver,
+    reduced_support,
+    resolve_limit,
+)
 from mflightning.limit.snapshot import LimitSnapshot, gaps_to_limit, take_snapshot
+from mflightning.mlp import MeanFieldMLP
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
 from mflightning.stack import MeanFieldStack
@@ -70,18 +87,24 @@ class LimitTracker(Callback):
     """Tracks the distance of a ``MeanFieldModule`` to its mean-field limit while it trains.
 
     Args:
-        solver: the limit solver; its ``lr`` must equal the module's canonical step
-            (``module.time_step``) and its ``loss`` the module's loss. ``None`` builds one at
-            fit start from ``module.network.with_widths([particles] * (L - 1))`` in ``dtype``.
-        particles: M, the solver width when ``solver`` is ``None`` (use M >= 8 N, §B.4).
+        solver: the limit solver (``ParticleLimitSolver`` or ``ReducedLimitSolver``); its ``lr``
+            must equal the module's canonical step (``module.time_step``) and its ``loss`` the
+            module's loss. ``None`` builds one at fit start (see ``limit``) in ``dtype``.
+        particles: M when ``solver`` is ``None``: neurons per hidden layer of a particle solver
+            (use M >= 8 N, §B.4), atoms per end layer of a reduced one.
+        limit: which solver to build when ``solver`` is ``None``: ``"auto"`` (the exact reduced
+            limit for the deep iid MLPs it supports, particles otherwise), ``"particles"`` or
+            ``"reduced"`` (a network the reduced solver cannot integrate is refused at fit
+            start, before any step, naming why).
         every_n_steps: log the gaps every this many optimizer steps (and at step 0).
         probe: probe inputs ``x`` for the output gap, or ``(x, y)`` to also get the loss gap.
         data: ``"shared_batches"`` (the solver steps on the module's own batches: the SGD-coupled
             limit) or ``"population"`` (the solver steps on ``population`` every step).
         population: ``(x, y)``, the data set of the population limit (needed for
             ``data="population"``; also used for the loss gap when ``probe`` has no targets).
-        couple: overwrite the module's weights at fit start with a subsample of the particles and
-            log coupled deviations; ``False`` tracks output and loss gaps only.
+        couple: couple the module's network at fit start and log coupled deviations: its
+            weights are overwritten with a subsample of the particles (particle solver) or kept
+            and given ideal particles (reduced solver); ``False`` tracks output and loss gaps.
         seed: seed of the coupling index sets (and of the particles when they are built here).
         dtype: dtype of a solver built here (float64 by default, §E.2).
 
@@ -93,9 +116,10 @@ class LimitTracker(Callback):
 
     def __init__(
         self,
-        solver: ParticleLimitSolver | None = None,
+        solver: LimitSolver | None = None,
         *,
         particles: int | None = None,
+        limit: str = "auto",
         every_n_steps: int = 10,
         probe: Probe | None = None,
         data: DataMode = "shared_batches",
@@ -107,10 +131,13 @@ class LimitTracker(Callback):
         super().__init__()
         if solver is None and particles is None:
             raise ValueError("give a `solver`, or `particles` (M) to build one at fit start.")
-        if solver is not None and not isinstance(solver, ParticleLimitSolver):
+        if solver is not None and not isinstance(solver, (ParticleLimitSolver, ReducedLimitSolver)):
             raise ValueError(
-                f"`solver` must be a ParticleLimitSolver, got {type(solver).__name__}."
+                "`solver` must be a ParticleLimitSolver or a ReducedLimitSolver, got "
+                f"{type(solver).__name__}."
             )
+        if limit not in LIMIT_KINDS:
+            raise ValueError(f"unknown `limit` {limit!r}; choose one of {', '.join(LIMIT_KINDS)}.")
         if particles is not None:
             check_positive_int("particles", particles)
         check_positive_int("every_n_steps", every_n_steps)
@@ -127,6 +154,7 @@ class LimitTracker(Callback):
             raise ValueError(f"`dtype` must be a floating torch dtype, got {dtype!r}.")
         self.solver = solver
         self.particles = particles
+        self.limit = limit
         self.every_n_steps = every_n_steps
         self.probe = probe
         self.data = data
@@ -134,8 +162,9 @@ class LimitTracker(Callback):
         self.couple = couple
         self.seed = seed
         self.dtype = dtype
-        self.coupling: Coupling | None = None
+        self.coupling: AnyCoupling | None = None
         self.last_gaps: dict[str, float] = {}
+        self.left_limit_at: dict[str, float] | None = None  # {"step", "mf_time", "relative_gap"}
         self._restored = False
 
     @property
@@ -164,23 +193,22 @@ class LimitTracker(Callback):
             )
         if self.solver is None:
             assert self.particles is not None
-            wide = network.with_widths(
-                [self.particles] * len(network.widths),
-                generator=torch.Generator().manual_seed(self.seed),
-            )
-            self.solver = ParticleLimitSolver(
-                wide,
+            self.solver = build_solver(
+                network,
+                resolve_limit(self.limit, network),
+                self.particles,
                 lr=pl_module.time_step,
                 loss=pl_module.loss_name,
                 dtype=self.dtype,
                 device=pl_module.device,
+                seed=self.seed,
             )
         self._check_solver(self.solver, pl_module, network)
         network.check_input(self._probe_inputs().to(next(network.parameters())), "probe")
 
     @staticmethod
     def _check_solver(
-        solver: ParticleLimitSolver, module: MeanFieldModule, network: MeanFieldStack
+        solver: LimitSolver, module: MeanFieldModule, network: MeanFieldStack
     ) -> None:
         if not isinstance(solver.network, MeanFieldStack):
             raise ValueError("the `solver` must hold a network of the same class as the module's.")
@@ -213,6 +241,10 @@ class LimitTracker(Callback):
             )
         network = pl_module.network
         assert isinstance(network, MeanFieldStack)
+        if isinstance(self.solver, ReducedLimitSolver):  # ideal particles of the module's own init
+            assert isinstance(network, MeanFieldMLP)
+            _, self.coupling = self.solver.couple(network.widths, network=network)
+            return
         generator = torch.Generator().manual_seed(self.seed)
         small, self.coupling = self.solver.couple(network.widths, generator=generator)
         with torch.no_grad():
@@ -280,6 +312,30 @@ class LimitTracker(Callback):
     def _log_gaps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert isinstance(pl_module, MeanFieldModule)
         self.last_gaps = log_gaps(trainer, pl_module, lambda: self.gaps(pl_module))
+        relative = self.last_gaps["limit/relative_output_gap"]
+        if self.left_limit_at is None and relative > LEFT_LIMIT_THRESHOLD:
+            step, mf_time = trainer.global_step, self.last_gaps["mf_time"]
+            self.left_limit_at = {"step": step, "mf_time": mf_time, "relative_gap": relative}
+            rank_zero_warn(
+                f"the network has left its mean-field limit at step {step} (mf_time {mf_time:g}): "
+                f"its output differs from the limit's by {relative:.2f} of the output size "
+                f"(threshold {LEFT_LIMIT_THRESHOLD}); from here on the gaps measure finite-width "
+                "effects, not the distance to the limit (docs/theory.md §D.4)."
+                + self._reference_caveat()
+            )
+
+    def _reference_caveat(self) -> str:
+        """A note when the reference is a particle solver of a degenerate (deep iid) limit."""
+        if (
+            isinstance(self.solver, ParticleLimitSolver)
+            and reduced_support(self.solver.network) is None
+            and len(getattr(self.solver.network, "widths", ())) + 1 >= MIN_REDUCED_DEPTH
+        ):
+            return (
+                " The reference is a finite-M particle solver of a deep iid network, which can "
+                "itself leave the exact limit: track with limit='reduced' to tell the two apart."
+            )
+        return ""
 
     # --- checkpointing ------------------------------------------------------------------------
 
@@ -287,7 +343,8 @@ class LimitTracker(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Solver state and coupling indices (plain tensors: loads with ``weights_only=True``)."""
         assert self.solver is not None
-        indices = [] if self.coupling is None else [s.cpu() for s in self.coupling.indices]
+        coupling = self.coupling
+        indices = [s.cpu() for s in coupling.indices] if isinstance(coupling, Coupling) else []
         return {"solver": self.solver.state_dict(), "indices": indices}
 
     @override
@@ -295,7 +352,13 @@ class LimitTracker(Callback):
         """Restore the solver trajectory and the coupling, so fit resumes the same limit."""
         assert self.solver is not None, "setup() builds the solver before a restore"
         self.solver.load_state_dict(state_dict["solver"])
+        if isinstance(self.solver, ReducedLimitSolver) and self.couple:
+            rank_zero_warn(
+                "LimitTracker resumes the reduced limit without its ideal particles (they are "
+                "not saved): the resumed run logs output and loss gaps, not coupled deviations."
+            )
         if state_dict["indices"]:
+            assert isinstance(self.solver, ParticleLimitSolver)  # only it saves indices
             indices = [s.to(self.solver.device) for s in state_dict["indices"]]
             self.coupling = Coupling(self.solver, indices, "subsample")
         self._restored = True

@@ -20,6 +20,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mflightning.module import MeanFieldModule
+from mflightning.report import summary_lines
 from mflightning.sweep import SweepSettings, WidthSweep
 from mflightning.wandb_logging import offline_hint
 
@@ -29,7 +30,16 @@ TOP_LEVEL_OPTIMIZER_MESSAGE = (
     "  model:\n    optimizer:\n      class_path: torch.optim.SGD\n"
     "(and `scheduler:` for an lr scheduler)."
 )
-SWEEP_FLAGS = ("widths", "seeds", "out", "particles", "every_n_steps", "probe_size", "wandb")
+SWEEP_FLAGS = (
+    "widths",
+    "seeds",
+    "out",
+    "particles",
+    "every_n_steps",
+    "probe_size",
+    "wandb",
+    "limit",
+)
 SWEEP_TRAINER_KEYS = ("accelerator", "precision", "deterministic")
 
 
@@ -92,13 +102,8 @@ def sweep(argv: list[str]) -> dict[str, object]:
     hint = offline_hint(runner.wandb_mode, runner.out)
     if hint:
         print(hint)
-    fit = report["slopes"].get("output_gap")
-    if fit:
-        inside = "inside" if fit["contains_expected"] else "OUTSIDE"
-        print(
-            f"output-gap slope {fit['slope']:.3f}, {fit['confidence']:.0%} interval "
-            f"[{fit['ci_low']:.3f}, {fit['ci_high']:.3f}]; expected {fit['expected']} is {inside}"
-        )
+    for line in summary_lines(report):
+        print(line)
     return report
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "loss_gap",
     "neuron_spread",
     "output_gap",
+    "relative_output_gap",
     "sliced_directions",
     "sliced_wasserstein",
 ]
@@ -94,6 +95,29 @@ def output_gap(finite: Tensor, limit: Tensor) -> Tensor:
         tensor(1.4142, dtype=torch.float64)
     """
     return _rms_compute(*_output_gap_update(finite, limit))
+
+
+def relative_output_gap(finite: Tensor, limit: Tensor) -> Tensor:
+    r"""Output gap relative to the size of the outputs (docs/theory.md §C.1, §D.4).
+
+    .. math::
+        r = G_\text{out} / \max\big(1, \mathrm{RMS}(\hat y_N), \mathrm{RMS}(\hat y_\infty)\big).
+
+    Mean-field outputs are O(1) by construction, so the unit floor keeps ``r`` meaningful at
+    t = 0, where a zero-mean readout law makes the limit output vanish. ``r`` is
+    O(N^{-1/2}) while a network follows its limit; ``r > 1/2`` means the two outputs differ by more
+    than half the size of the larger (or of the unit scale): the limit no longer describes it.
+
+    Args:
+        finite: outputs of the network (or of a finite-M solver) on the probe inputs.
+        limit: outputs of the reference limit on the same inputs, same shape.
+
+    Returns:
+        A float64 scalar tensor.
+    """
+    finite64, limit64 = finite.detach().double(), limit.detach().double()
+    scale = max(1.0, float(finite64.square().mean().sqrt()), float(limit64.square().mean().sqrt()))
+    return output_gap(finite64, limit64) / scale
 
 
 # --- §C.2 loss gap ----------------------------------------------------------------------------

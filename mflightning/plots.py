@@ -5,7 +5,9 @@
 * ``plot_gap_scaling``: a gap against N on log-log axes, per-seed points, the aggregate, the
   fitted line and a ``N^{-1/2}`` reference (§C.1, §C.8);
 * ``plot_layer_scaling``: one curve per layer against N (coupled deviations §C.3, neuron
-  spread §C.6).
+  spread §C.6);
+* ``plot_validity``: the fitted slope of every gap against ``mf_time`` with its interval, the
+  -1/2 line and each metric's validity horizon ``t*`` (``mflightning.validity``).
 """
 
 from __future__ import annotations
@@ -48,14 +50,21 @@ def plot_loss_curves(
     curves: Mapping[int, tuple[Sequence[float], Sequence[float]]],
     limit: tuple[Sequence[float], Sequence[float]],
     path: Path,
+    limit_label: str = "limit",
+    marker: tuple[float, str] | None = None,
 ) -> Path:
-    """Loss vs ``mf_time``; ``curves[width]`` and ``limit`` are ``(times, losses)`` pairs."""
+    """Loss vs ``mf_time``; ``curves[width]`` and ``limit`` are ``(times, losses)`` pairs.
+
+    ``marker`` = ``(t, label)`` draws a vertical line at ``t`` (the validity horizon ``t*``).
+    """
     fig = Figure(figsize=FIGSIZE)
     ax = fig.subplots()
     colors = colormaps["viridis"](np.linspace(0.1, 0.9, len(curves)))
     for color, (width, (times, losses)) in zip(colors, sorted(curves.items()), strict=True):
         ax.plot(times, losses, color=color, label=f"N = {width}")
-    ax.plot(*limit, "k--", linewidth=2, label="limit (particles)")
+    ax.plot(*limit, "k--", linewidth=2, label=limit_label)
+    if marker is not None:
+        ax.axvline(marker[0], color="tab:red", linestyle=":", label=f"{marker[1]} = {marker[0]:g}")
     ax.set_xlabel("mf_time t = step x eps")
     ax.set_ylabel("training loss (mean over seeds)")
     ax.set_title("Width invariance: loss curves approach the limit")
@@ -115,4 +124,33 @@ def plot_layer_scaling(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_validity(validity: Mapping[str, Any], path: Path) -> Path:
+    """Slope of each gap vs ``mf_time`` with its interval band, the -1/2 line and ``t*`` marks.
+
+    ``validity`` is ``report["validity"]``: per metric a ``series`` of ``{"mf_time", "slope",
+    "ci_low", "ci_high"}`` (``None`` where nothing was fitted) and ``t_star``.
+    """
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
+    colors = colormaps["tab10"](np.arange(len(validity)) % 10)
+    for color, (metric, entry) in zip(colors, validity.items(), strict=True):
+        fitted = [row for row in entry["series"] if row["slope"] is not None]
+        if not fitted:
+            continue
+        times = [row["mf_time"] for row in fitted]
+        ax.plot(times, [row["slope"] for row in fitted], "-", color=color, label=metric)
+        low, high = [row["ci_low"] for row in fitted], [row["ci_high"] for row in fitted]
+        ax.fill_between(times, low, high, color=color, alpha=0.15)
+        if entry["t_star"] is not None:
+            ax.axvline(entry["t_star"], color=color, linestyle=":")
+            ax.annotate(f"t* {entry['t_star']:g}", (entry["t_star"], 0.05), color=color)
+    ax.axhline(-0.5, color="black", linewidth=1, label="mean-field rate -1/2")
+    ax.axhline(-0.25, color="gray", linestyle="--", linewidth=1, label="off rate above -1/4")
+    ax.set_xlabel("mf_time t = step x eps")
+    ax.set_ylabel("log-log slope over widths (90% interval)")
+    ax.set_title("Validity: do the gaps still shrink like N^-1/2?")
+    ax.legend(fontsize="small")
     return _save(fig, path)

@@ -4,6 +4,10 @@ Per width, over seeds: the RMS of the per-seed output gap at the final time and 
 time (§C.1), the RMS loss gap (§C.2), the median coupled deviation per layer (§C.3), the mean
 accuracy, and the median neuron spread per hidden layer (§C.6). Slopes are log-log fits with a
 seed bootstrap (``mflightning.widthfit.fit_loglog_slope``); the expected slope is -1/2.
+
+``slopes`` are fitted at the final time; ``validity`` repeats the fit at every logged time and
+gives each metric's validity horizon ``t*`` (``mflightning.validity``), and ``slopes_to_horizon``
+fits each metric's sup over the times before its horizon. ``limit`` names the solver and M.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from mflightning.plots import plot_gap_scaling, plot_layer_scaling, plot_loss_curves
+from mflightning.limit.choice import departure
+from mflightning.plots import plot_gap_scaling, plot_layer_scaling, plot_loss_curves, plot_validity
+from mflightning.validity import RunHistory, aggregate_of, earliest_horizon, validity
 from mflightning.widthfit import SlopeFit, fit_loglog_slope
 
 EXPECTED_SLOPE = -0.5  # per-seed gaps and coupled deviations scale as N^{-1/2} (§C.1-§C.3)
-FIGURES = ("loss_curves", "output_gap", "deviation", "neuron_spread")
+FIGURES = ("loss_curves", "output_gap", "deviation", "neuron_spread", "validity")
 
 
 @dataclass
@@ -69,6 +75,39 @@ def _layers(results: Results) -> list[str]:
     return sorted(key.removeprefix("limit/dev/") for key in first if key.startswith("limit/dev/"))
 
 
+def _metrics(results: Results) -> list[str]:
+    """The gap metrics of the runs: ``output_gap``, ``loss_gap`` and ``dev/<layer>``."""
+    last = next(iter(results.values())).history[-1]
+    gaps = [key for key in ("output_gap", "loss_gap") if f"limit/{key}" in last]
+    return gaps + [f"dev/{layer}" for layer in _layers(results)]
+
+
+def _slopes_to_horizon(
+    grouped: dict[int, list[RunResult]], horizons: dict[str, Any]
+) -> dict[str, Any]:
+    """Per metric, the slope of its sup over the logged times before its horizon ``t*``.
+
+    Without a horizon the window is the whole run (the ``G^T`` of docs/theory.md §C.1); when no
+    fitted time precedes ``t*`` the entry is ``None``.
+    """
+    fits: dict[str, Any] = {}
+    for metric, entry in horizons.items():
+        end, key = entry["step_star"], f"limit/{metric}"
+
+        def window(run: RunResult, end: int | None = end, key: str = key) -> list[float]:
+            return [r[key] for r in run.history if key in r and (end is None or r["step"] < end)]
+
+        values = {w: [max(window(r), default=0.0) for r in rs] for w, rs in grouped.items()}
+        if not all(v > 0 for vs in values.values() for v in vs):
+            fits[metric] = None
+            continue
+        fits[metric] = _slope(values, aggregate_of(metric)) | {
+            "quantity": "sup over the run" if end is None else "sup over the times before t*",
+            "before_step": end,
+        }
+    return fits
+
+
 def _rms(values: list[float]) -> float:
     return float(np.sqrt(np.mean(np.square(values))))
 
@@ -87,8 +126,14 @@ def _slope(per_width: dict[int, list[float]], aggregate: str) -> dict[str, Any]:
     }
 
 
-def build_report(results: Results, limit_loss: list[float], meta: dict[str, Any]) -> dict[str, Any]:
-    """The ``report.json`` content (see the module docstring); ``meta`` is copied in first."""
+def build_report(
+    results: Results, limit: Mapping[str, Any], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``report.json`` content (module docstring); ``meta`` is copied in first.
+
+    ``limit`` is the limit's record (``limit.json``: ``train_loss`` and, beside a particle
+    solver of a deep iid network, ``exact_relative_gap``).
+    """
     grouped = _by_width(results)
     layers = _layers(results)
     per_width: dict[str, Any] = {}
@@ -110,30 +155,44 @@ def build_report(results: Results, limit_loss: list[float], meta: dict[str, Any]
         }
     diverged = [f"N{w}-seed{s}" for (w, s), r in sorted(results.items()) if r.diverged]
     slopes: dict[str, Any] = {}
+    horizons: dict[str, Any] = {}
     if len(grouped) >= 2:
-        slopes["output_gap"] = _slope(
-            {w: [r.final("limit/output_gap") for r in rs] for w, rs in grouped.items()}, "rms"
-        )
-        slopes["sup_output_gap"] = _slope(
-            {w: [r.sup("limit/output_gap") for r in rs] for w, rs in grouped.items()}, "rms"
-        )
-        slopes["loss_gap"] = _slope(
-            {w: [r.final("limit/loss_gap") for r in rs] for w, rs in grouped.items()}, "rms"
-        )
-        for layer in layers:
-            deviations = {
-                w: [r.final(f"limit/dev/{layer}") for r in rs] for w, rs in grouped.items()
-            }
-            slopes[f"dev/{layer}"] = _slope(
-                deviations,
-                "median",
-            )
+        final = {"at": "final", "at_step": meta.get("steps")}
+        for metric in _metrics(results):
+            values = {w: [r.final(f"limit/{metric}") for r in rs] for w, rs in grouped.items()}
+            slopes[metric] = _slope(values, aggregate_of(metric)) | final
+            if metric == "output_gap":
+                sups = {w: [r.sup("limit/output_gap") for r in rs] for w, rs in grouped.items()}
+                slopes["sup_output_gap"] = _slope(sups, "rms") | {"at": "sup over the run"}
+        histories = [RunHistory(r.width, r.history) for rs in grouped.values() for r in rs]
+        horizons = validity(histories, _metrics(results))
     return meta | {
         "per_width": per_width,
         "slopes": slopes,
+        "slopes_to_horizon": _slopes_to_horizon(grouped, horizons),
+        "validity": horizons,
         "diverged_runs": diverged,
-        "limit": {"final_train_loss": limit_loss[-1] if limit_loss else None},
+        "limit": _limit_section(limit, meta),
     }
+
+
+def _limit_section(limit: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """``report["limit"]``: the solver, its M, its loss curve, and its exact-limit check.
+
+    Beside a particle solver of a deep iid network: where the particles left the exact limit.
+    """
+    losses = list(limit["train_loss"])
+    section: dict[str, Any] = {
+        "solver": meta.get("limit_solver"),
+        "particles": meta.get("particles"),
+        "train_loss": losses,
+        "final_train_loss": losses[-1] if losses else None,
+    }
+    if "exact_relative_gap" in limit:
+        series = limit["exact_relative_gap"]
+        section["exact_relative_gap"] = series
+        section["left_exact_limit"] = departure(series)
+    return section
 
 
 def curves_rows(results: Results, limit_loss: list[float], time_step: float) -> list[list[Any]]:
@@ -173,9 +232,20 @@ def write_figures(
         w: (times, np.mean([r.train_loss for r in rs], axis=0).tolist())
         for w, rs in grouped.items()
     }
-    paths = {"loss_curves": plot_loss_curves(curves, (times, limit_loss), out / "loss_curves.png")}
+    star = earliest_horizon(report["validity"])
+    marker = None if star is None else (star[1]["t_star"], f"t* ({star[0]})")
+    paths = {
+        "loss_curves": plot_loss_curves(
+            curves,
+            (times, limit_loss),
+            out / "loss_curves.png",
+            limit_label=f"limit ({report['limit']['solver']}, M = {report['limit']['particles']})",
+            marker=marker,
+        )
+    }
     if "output_gap" not in report["slopes"]:
         return paths
+    paths["validity"] = plot_validity(report["validity"], out / "validity.png")
     fitted = report["slopes"]["output_gap"]
     fit = SlopeFit(**{k: fitted[k] for k in SlopeFit.__dataclass_fields__})
     paths["output_gap"] = plot_gap_scaling(
@@ -209,7 +279,7 @@ def write_figures(
 
 
 def report_tables(report: dict[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
-    """The report as two W&B tables: per-width values and fitted slopes."""
+    """The report as W&B tables: per-width values, fitted slopes, validity horizons."""
     per_width = report["per_width"]
     layers = sorted(next(iter(per_width.values()))["dev_median"])
     columns = ["width", "output_gap_rms", "sup_output_gap_rms", "loss_gap_rms", "accuracy"]
@@ -224,4 +294,54 @@ def report_tables(report: dict[str, Any]) -> dict[str, tuple[list[str], list[lis
         [k, s["slope"], s["ci_low"], s["ci_high"], s["expected"], s["contains_expected"]]
         for k, s in report["slopes"].items()
     ]
-    return {"per_width": (columns, rows), "slopes": (slope_columns, slopes)}
+    horizon_columns = ["metric", "step_star", "t_star", "final_slope"]
+    horizons = [
+        [k, v["step_star"], v["t_star"], report["slopes"].get(k, {}).get("slope")]
+        for k, v in report["validity"].items()
+    ]
+    return {
+        "per_width": (columns, rows),
+        "slopes": (slope_columns, slopes),
+        "validity": (horizon_columns, horizons),
+    }
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """What ``mfl sweep`` prints: the limit used, each validity horizon, the output-gap slope."""
+    limit = report["limit"]
+    kind = {"reduced": "exact reduced limit", "particles": "particle solver"}.get(
+        limit["solver"], limit["solver"]
+    )
+    lines = [f"limit: {kind}, M = {limit['particles']} (docs/theory.md §B.4)"]
+    left = limit.get("left_exact_limit")
+    if left is not None:
+        lines.append(
+            f"the particle solver itself left the exact limit at step {left['step']} "
+            f"(mf_time {left['mf_time']:g}, relative output gap {left['relative_gap']:.2f}): "
+            "later gaps compare the networks with a finite-M solver, not with the limit; "
+            "rerun with --limit reduced (docs/theory.md §D.4)."
+        )
+    for metric, entry in report["validity"].items():
+        if entry["step_star"] is None:
+            continue
+        lines.append(
+            f"{metric}: the limit describes the networks up to step {entry['step_star']} "
+            f"(t* = mf_time {entry['t_star']:g}); after it the gap stops shrinking like N^-1/2 "
+            "and measures finite-width effects, not the distance to the limit (§D.4)."
+        )
+    fit = report["slopes"].get("output_gap")
+    if fit:
+        inside = "inside" if fit["contains_expected"] else "OUTSIDE"
+        lines.append(
+            f"output-gap slope at the final step {fit['slope']:.3f}, {fit['confidence']:.0%} "
+            f"interval [{fit['ci_low']:.3f}, {fit['ci_high']:.3f}]; expected {fit['expected']} "
+            f"is {inside}"
+        )
+        before = report["slopes_to_horizon"].get("output_gap")
+        star = report["validity"]["output_gap"]["step_star"]
+        if star is not None and before is not None:
+            lines.append(
+                f"output-gap slope before t* (sup over steps < {star}) {before['slope']:.3f}, "
+                f"interval [{before['ci_low']:.3f}, {before['ci_high']:.3f}]"
+            )
+    return lines

@@ -33,10 +33,20 @@ from tqdm.auto import tqdm
 
 from mflightning.batched import SeedBatch
 from mflightning.callbacks import RecordedLimitTracker
-from mflightning.functional import neuron_spread
+from mflightning.functional import neuron_spread, relative_output_gap
 from mflightning.guards import DivergenceError
 from mflightning.io import atomic_write_json, atomic_write_text, read_json
-from mflightning.limit import Coupling, ParticleLimitSolver
+from mflightning.limit import ReducedLimitSolver
+from mflightning.limit.choice import (
+    LIMIT_KINDS,
+    MIN_REDUCED_DEPTH,
+    AnyCoupling,
+    LimitSolver,
+    build_solver,
+    default_reduced_atoms,
+    exact_beside,
+    resolve_limit,
+)
 from mflightning.limit.snapshot import LimitSnapshot, gaps_to_limit, take_snapshot
 from mflightning.losses import correct_predictions
 from mflightning.module import MeanFieldModule
@@ -63,7 +73,12 @@ class SweepSettings:
     Attributes:
         widths: hidden widths N (every hidden layer of a run gets width N).
         seeds: independent subsamples of the particles per width (>= 2 for intervals).
-        particles: M, the solver width (default: 8 x the largest width, §B.4).
+        particles: M of the limit solver that runs: neurons per hidden layer of the particle
+            solver (default 8 x the largest width, §B.4), atoms per end layer of the reduced
+            solver (default ``default_reduced_atoms``).
+        limit: ``"auto"`` (the exact reduced limit for every deep iid MLP it supports, the
+            particle solver otherwise), ``"particles"`` or ``"reduced"``
+            (``mflightning.limit.choice``).
         every_n_steps: log the gaps every this many steps (default: steps // 20).
         probe_size: number of validation inputs the gaps are measured on.
         out: report folder (default ``runs/sweep-<recipe name>``).
@@ -86,6 +101,7 @@ class SweepSettings:
     project: str = "mflightning"
     batch_seeds: bool = True
     solver_dtype: str = "float64"
+    limit: str = "auto"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -113,6 +129,10 @@ class SweepSettings:
                 f"`solver_dtype` must be 'float64' or 'float32', not {self.solver_dtype!r}."
             )
         check_mode(self.wandb)
+        if self.limit not in LIMIT_KINDS:
+            raise ValueError(
+                f"`limit` must be one of {', '.join(LIMIT_KINDS)}, not {self.limit!r}."
+            )
 
 
 @contextmanager
@@ -190,7 +210,8 @@ class WidthSweep:
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.name = name
         self.out = Path(settings.out or f"runs/sweep-{name}")
-        self.particles = settings.particles or 8 * max(settings.widths)
+        self.limit_kind = resolve_limit(settings.limit, self.network)
+        self.particles = settings.particles or self._default_particles()
         self.every = settings.every_n_steps or max(1, steps // 20)
         self.wandb_mode = resolve_mode(settings.wandb)
         self.log_steps = sorted({*range(0, steps + 1, self.every), steps})
@@ -231,15 +252,24 @@ class WidthSweep:
 
     # --- the limit ----------------------------------------------------------------------------
 
-    def _solver(self) -> ParticleLimitSolver:
-        wide = self.network.with_widths(
-            [self.particles] * len(self.network.widths), generator=torch.Generator().manual_seed(0)
-        )
+    def _default_particles(self) -> int:
+        """M when the recipe gives none: 8 x the largest width, or the reduced cost model."""
+        largest = max(self.settings.widths)
+        if self.limit_kind == "reduced" and len(self.network.widths) + 1 >= MIN_REDUCED_DEPTH:
+            return default_reduced_atoms(largest)
+        return 8 * largest
+
+    def _solver(self) -> LimitSolver:
         accelerator = str(self.trainer_kwargs.get("accelerator", "cpu"))
         device = "cuda" if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
-        dtype = getattr(torch, self.settings.solver_dtype)
-        return ParticleLimitSolver(
-            wide, lr=self.module.time_step, loss=self.module.loss_name, dtype=dtype, device=device
+        return build_solver(
+            self.network,
+            self.limit_kind,
+            self.particles,
+            lr=self.module.time_step,
+            loss=self.module.loss_name,
+            dtype=getattr(torch, self.settings.solver_dtype),
+            device=device,
         )
 
     def _check_data_order(self) -> None:
@@ -256,24 +286,44 @@ class WidthSweep:
         return itertools.chain.from_iterable(loader for _ in itertools.count())
 
     def _record_limit(
-        self, couplings: dict[tuple[int, int], Coupling], probe: tuple[Tensor, Tensor]
-    ) -> tuple[dict[tuple[int, int], dict[int, LimitSnapshot]], list[float]]:
-        """One solver pass: per-run snapshots at the logging steps and the limit's loss curve."""
-        solver = next(iter(couplings.values())).solver
+        self,
+        solver: LimitSolver,
+        couplings: dict[tuple[int, int], AnyCoupling],
+        probe: tuple[Tensor, Tensor],
+        exact: ReducedLimitSolver | None,
+    ) -> tuple[dict[tuple[int, int], dict[int, LimitSnapshot]], dict[str, Any]]:
+        """One solver pass: per-run snapshots at the logging steps and the limit's record.
+
+        The record (``limit.json``) holds the limit's loss curve and, when ``exact`` (the reduced
+        solver on the particle solver's own atoms) runs beside it, the particle solver's relative
+        output gap to the exact limit at every logging step.
+        """
         probe_x = probe[0]
         snapshots: dict[tuple[int, int], dict[int, LimitSnapshot]] = {key: {} for key in couplings}
         batches = self._batches()
-        limit_loss = []
-        for step in tqdm(range(self.steps + 1), desc="limit (particles)", leave=False):
+        limit_loss, exact_gap = [], []
+        label = f"limit ({self.limit_kind}, M = {self.particles})"
+        for step in tqdm(range(self.steps + 1), desc=label, leave=False):
             if step in self.log_steps:
                 shared = take_snapshot(solver, probe_x, probe)
                 for key, coupling in couplings.items():
                     snapshots[key][step] = LimitSnapshot(
                         shared.time, shared.output, shared.loss, coupling.ideal_weights()
                     )
+                if exact is not None:
+                    gap = relative_output_gap(shared.output, exact(probe_x))
+                    exact_gap.append(
+                        {"step": step, "mf_time": shared.time, "relative_gap": float(gap)}
+                    )
             if step < self.steps:
-                limit_loss.append(solver.step(*next(batches)))
-        return snapshots, limit_loss
+                x, y = next(batches)
+                limit_loss.append(solver.step(x, y))
+                if exact is not None:
+                    exact.step(x, y)
+        record: dict[str, Any] = {"train_loss": limit_loss, "time_step": self.module.time_step}
+        if exact is not None:
+            record["exact_relative_gap"] = exact_gap
+        return snapshots, record
 
     # --- one run ------------------------------------------------------------------------------
 
@@ -492,22 +542,22 @@ class WidthSweep:
         limit_path = self.out / "limit.json"
         if todo or not limit_path.is_file():
             solver = self._solver()
+            exact = exact_beside(solver)
             dtype = (
                 torch.float64
                 if self.trainer_kwargs.get("precision") == "64-true"
                 else torch.float32
             )
-            couplings, networks = {}, {}
+            couplings: dict[tuple[int, int], AnyCoupling] = {}
+            networks: dict[tuple[int, int], MeanFieldStack] = {}
             for width, seed in self._runs():
                 generator = torch.Generator().manual_seed(seed)
                 widths = [width] * len(self.network.widths)
                 networks[width, seed], couplings[width, seed] = solver.couple(
                     widths, generator=generator, dtype=dtype
                 )
-            snapshots, limit_loss = self._record_limit(couplings, probe)
-            atomic_write_json(
-                limit_path, {"train_loss": limit_loss, "time_step": self.module.time_step}
-            )
+            snapshots, record = self._record_limit(solver, couplings, probe, exact)
+            atomic_write_json(limit_path, record)
             if self._batchable():
                 for width in tqdm(sorted({w for w, _ in todo}), desc=f"sweep {self.name} (widths)"):
                     seeds = [s for w, s in todo if w == width]
@@ -520,8 +570,7 @@ class WidthSweep:
                             width, seed, networks[width, seed], snapshots[width, seed], probe
                         )
                         results[width, seed] = self._save(result)
-        limit_loss = read_json(limit_path)["train_loss"]
-        return self._write_report(results, limit_loss)
+        return self._write_report(results, read_json(limit_path))
 
     # --- report -------------------------------------------------------------------------------
 
@@ -531,6 +580,7 @@ class WidthSweep:
             "widths": sorted(self.settings.widths),
             "seeds": self.settings.seeds,
             "particles": self.particles,
+            "limit_solver": self.limit_kind,
             "steps": self.steps,
             "time_step": self.module.time_step,
             "horizon": self.steps * self.module.time_step,
@@ -543,10 +593,11 @@ class WidthSweep:
         }
 
     def _write_report(
-        self, results: dict[tuple[int, int], RunResult], limit_loss: list[float]
+        self, results: dict[tuple[int, int], RunResult], limit: dict[str, Any]
     ) -> dict[str, Any]:
         step = self.module.time_step
-        report = build_report(results, limit_loss, self._meta())
+        limit_loss = limit["train_loss"]
+        report = build_report(results, limit, self._meta())
         atomic_write_json(self.out / "report.json", report)
         buffer = io.StringIO()
         csv.writer(buffer).writerows(curves_rows(results, limit_loss, step))

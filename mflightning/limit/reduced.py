@@ -198,6 +198,11 @@ class ReducedLimitSolver(EulerSolver):
         return fields
 
     @property
+    def network(self) -> MeanFieldMLP:
+        """The network the solver was built from (its architecture; its middle weights unused)."""
+        return self._network
+
+    @property
     def fields(self) -> dict[str, Tensor]:
         """The reduced state at the current time (detached views; see the class docstring)."""
         return {name: value.detach() for name, value in self._fields.items()}

@@ -5,6 +5,8 @@ and (for coupled runs) the ideal particles of the finite network's weights. ``ta
 reads one off a live solver; ``gaps_to_limit`` measures a finite network against one:
 
 * ``limit/output_gap``: RMS over the probe of ``yhat_N(x) - yhat_inf(x)`` (§C.1);
+* ``limit/relative_output_gap``: the same over the output size
+  (``mflightning.functional.relative_output_gap``; above 1/2 the network has left the limit);
 * ``limit/loss_gap``:   ``|L_N - L_inf|`` on the loss data (§C.2);
 * ``limit/dev/<layer>``: RMS over the layer's weights of ``w - w_ideal`` (§C.3), trained layers.
 """
@@ -16,10 +18,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mflightning.functional import coupled_deviation, loss_gap, output_gap
+from mflightning.functional import (
+    coupled_deviation,
+    loss_gap,
+    output_gap,
+    relative_output_gap,
+)
 from mflightning.guards import DivergenceError
 from mflightning.limit.coupling import Coupling
-from mflightning.limit.solver import ParticleLimitSolver
+from mflightning.limit.ideal import IdealCoupling
+from mflightning.limit.solver import EulerSolver
 from mflightning.losses import LossName, mean_field_loss
 from mflightning.scaling import mean_field_layers
 
@@ -46,10 +54,10 @@ class LimitSnapshot:
 
 @torch.no_grad()
 def take_snapshot(
-    solver: ParticleLimitSolver,
+    solver: EulerSolver,
     probe: Tensor,
     loss_data: LabelledData | None = None,
-    coupling: Coupling | None = None,
+    coupling: Coupling | IdealCoupling | None = None,
 ) -> LimitSnapshot:
     """Read the solver's current output, loss and (coupled) ideal weights."""
     output = solver(probe)
@@ -90,7 +98,10 @@ def gaps_to_limit(
         return network(x.to(device=weight.device, dtype=weight.dtype))
 
     output = _finite("output on the probe", finite(probe))
-    values = {"limit/output_gap": output_gap(output, snapshot.output)}
+    values = {
+        "limit/output_gap": output_gap(output, snapshot.output),
+        "limit/relative_output_gap": relative_output_gap(output, snapshot.output),
+    }
     if loss_data is not None and snapshot.loss is not None:
         x, y = loss_data
         prediction = output if x is probe else finite(x)

@@ -1,0 +1,150 @@
+"""Which limit a width-N network is compared with: the particle solver or the exact reduced one.
+
+* ``"particles"``: ``ParticleLimitSolver`` with M neurons per hidden layer (docs/theory.md §B.4);
+  networks are coupled by subsampling its particles. Works for every ``MeanFieldStack``.
+* ``"reduced"``: ``ReducedLimitSolver`` with M atoms per end layer (§B.3, §B.4), the exact limit
+  of an iid-initialised ``MeanFieldMLP``; networks are coupled by ideal-particle integration.
+* ``"auto"``: the reduced solver for every ``MeanFieldMLP`` of depth L >= 4 it supports (iid laws
+  with known means, constant initial biases in the degenerate layers), the particles otherwise.
+
+Why the choice matters: for L >= 4 the iid limit is degenerate (§B.3) and unstable; a particle
+solver at finite M carries middle-layer fluctuations of size ~ 1/sqrt(M) that grow until it
+escapes the degenerate state after a time ~ log M (§D.4), so after that time it is no longer the
+limit. The reduced solver has no middle-layer noise and stays on the exact limit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+
+from mflightning.limit.coupling import Coupling
+from mflightning.limit.ideal import IdealCoupling
+from mflightning.limit.reduced import ReducedLimitSolver, _check_reducible
+from mflightning.limit.solver import ParticleLimitSolver
+from mflightning.losses import LossName
+from mflightning.mlp import MeanFieldMLP
+from mflightning.stack import MeanFieldStack
+
+LimitKind = Literal["auto", "particles", "reduced"]
+LIMIT_KINDS: tuple[str, ...] = get_args(LimitKind)
+LimitSolver = ParticleLimitSolver | ReducedLimitSolver
+AnyCoupling = Coupling | IdealCoupling
+MIN_REDUCED_DEPTH = 4  # below it the limit is not degenerate and the particle solver is exact
+LEFT_LIMIT_THRESHOLD = 0.5  # relative output gap beyond which a model has left the limit
+
+
+def default_reduced_atoms(largest_width: int) -> int:
+    """Default M (atoms per end layer) of a reduced reference: ``max(2^15, 64 x largest width)``.
+
+    The reduced solver costs O(M P d) per step, independent of M^2, so its M can be far larger
+    than a particle solver's (8 x the largest width): its Monte-Carlo error ~ M^{-1/2} is then
+    well below the gaps of every coupled network.
+    """
+    return max(2**15, 64 * largest_width)
+
+
+def reduced_support(network: object) -> str | None:
+    """Why the reduced solver cannot integrate ``network``'s limit, or ``None`` if it can."""
+    try:
+        _check_reducible(network)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def resolve_limit(kind: str, network: MeanFieldStack) -> Literal["particles", "reduced"]:
+    """The solver kind ``kind`` selects for ``network`` (module docstring).
+
+    Raises:
+        ValueError: an unknown ``kind``, or ``"reduced"`` for a network it does not cover (the
+            message says why and names ``particles`` as the alternative).
+    """
+    if kind not in LIMIT_KINDS:
+        raise ValueError(f"unknown `limit` {kind!r}; choose one of {', '.join(LIMIT_KINDS)}.")
+    reason = reduced_support(network)
+    if kind == "reduced":
+        if reason is not None:
+            raise ValueError(
+                f"`limit` = 'reduced' cannot integrate this network's limit: {reason} "
+                "Use --limit particles (the particle solver covers every network)."
+            )
+        return "reduced"
+    if kind == "auto" and reason is None and len(network.widths) + 1 >= MIN_REDUCED_DEPTH:
+        return "reduced"
+    return "particles"
+
+
+def solver_network(network: MeanFieldStack, kind: str, atoms: int, seed: int = 0) -> MeanFieldStack:
+    """The network holding the solver's initial particles (or atoms), drawn with ``seed``.
+
+    The particle solver needs M neurons in every hidden layer. The reduced solver reads only
+    the end layers (M atoms each) and the middle laws' means; for L >= 4 its middle widths are 1,
+    so memory stays O(M) (for L <= 3 every hidden layer is an end layer).
+    """
+    depth = len(network.widths) + 1
+    widths = [atoms] * (depth - 1)
+    if kind == "reduced" and depth >= MIN_REDUCED_DEPTH:
+        widths = [atoms] + [1] * (depth - 3) + [atoms]
+    return network.with_widths(widths, generator=torch.Generator().manual_seed(seed))
+
+
+def build_solver(
+    network: MeanFieldStack,
+    kind: Literal["particles", "reduced"],
+    atoms: int,
+    lr: float,
+    loss: LossName,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> LimitSolver:
+    """The limit solver of ``kind`` for ``network``'s architecture with ``atoms`` (= M)."""
+    wide = solver_network(network, kind, atoms, seed)
+    if kind == "reduced":
+        return ReducedLimitSolver(wide, lr=lr, loss=loss, dtype=dtype, device=device)
+    return ParticleLimitSolver(wide, lr=lr, loss=loss, dtype=dtype, device=device)
+
+
+def exact_beside(solver: LimitSolver) -> ReducedLimitSolver | None:
+    """The reduced solver on the particle solver's own end atoms, when the network allows it.
+
+    Run beside a ``ParticleLimitSolver`` of a network with a degenerate iid limit, it tells when
+    the particles themselves leave the exact limit (``particle_departure``); with shared atoms
+    the two agree to O(1/M) before that (§D.3 T-REDUCED).
+    """
+    if not isinstance(solver, ParticleLimitSolver):
+        return None
+    network = solver.network
+    if not isinstance(network, MeanFieldMLP) or reduced_support(network) is not None:
+        return None
+    if len(network.widths) + 1 < MIN_REDUCED_DEPTH:
+        return None
+    return ReducedLimitSolver(
+        network, lr=solver.lr, loss=solver.loss, dtype=solver.dtype, device=solver.device
+    )
+
+
+def departure(series: list[dict[str, float]]) -> dict[str, float] | None:
+    """The first entry of a ``{"step", "mf_time", "relative_gap"}`` series past the threshold."""
+    for entry in series:
+        if entry["relative_gap"] > LEFT_LIMIT_THRESHOLD:
+            return entry
+    return None
+
+
+__all__ = [
+    "LEFT_LIMIT_THRESHOLD",
+    "LIMIT_KINDS",
+    "AnyCoupling",
+    "LimitKind",
+    "LimitSolver",
+    "build_solver",
+    "default_reduced_atoms",
+    "departure",
+    "exact_beside",
+    "reduced_support",
+    "resolve_limit",
+    "solver_network",
+]
