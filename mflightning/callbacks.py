@@ -3,7 +3,7 @@
 The callback owns a ``ParticleLimitSolver`` (given, or built at width M
 from the module's network), optionally couples the module's network to it at fit start (§B.4:
 the module's neurons become a subsample of the particles, so every weight has an ideal particle),
-takes one solver step per optimizer step, and every ``every_n_steps`` logs (mf-theory.md §C)
+takes one solver step per optimizer step, and every ``every_n_steps`` logs (docs/theory.md §C)
 
 * ``limit/output_gap``: RMS over the probe inputs of ``yhat_N(x) - yhat_inf(x)`` (§C.1);
 * ``limit/loss_gap``: ``|L_N - L_inf|`` on the probe targets, or on the population (§C.2);
