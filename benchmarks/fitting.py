@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
-FEATURES = 10  # d, the input dimension of design.md §6
+FEATURES = 10  # d, the input dimension of the solver benchmark
 
 
 def regression_data(

@@ -3,7 +3,7 @@
 Usage: ``python -m benchmarks.reduced_vs_bruteforce [--device cpu|cuda] [--quick|--tiny]
 [--repeats K]`` (or register ``run`` in ``benchmarks/__main__.py``).
 
-Data and laws of mf-theory.md §D.3 T-REDUCED (P = 100, d = 5, float64, tau_i = 0.5, loss
+Data and laws of docs/theory.md §D.3 T-REDUCED (P = 100, d = 5, float64, tau_i = 0.5, loss
 "half_mse"), L = 4 and 5. One row per (L, M): median ms per step of each solver, timed with
 interleaved repeats, and the speed-up S_M / R_M; the brute force is left out ("-") where its
 O(M^2) middle layers are too slow (CPU, M = 16384) or too big (GPU, M > 16384). The reduced solver

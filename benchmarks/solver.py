@@ -1,4 +1,4 @@
-"""``solver``: ``ParticleLimitSolver.step`` vs the plain-PyTorch brute-force loop of design.md §6.
+"""``solver``: ``ParticleLimitSolver.step`` vs a plain-PyTorch brute-force loop.
 
 The network is the L = 3 perceptron d -> M -> M -> 1 (ReLU, no biases, d = 10), trained by
 full-batch GD on P points with the ``"mse"`` loss, the 1/M averages of §1.1 and the §1.2

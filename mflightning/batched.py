@@ -3,7 +3,7 @@
 A width sweep trains S independent seeds of every width on the same batches. Stacking their
 parameters along a new leading dimension and applying ``torch.func.vmap`` to the network's own
 forward (through ``torch.func.functional_call``) runs the S forward/backward passes as batched
-matrix products, with the per-layer SGD rule of mf-theory.md §1.2,
+matrix products, with the per-layer SGD rule of docs/theory.md §1.2,
 
     w_s <- w_s - lr_group * dLoss_s/dw_s        for every seed s and trainable parameter w,
 

@@ -5,7 +5,7 @@ network: ``limit="auto"`` takes the exact ``ReducedLimitSolver`` for deep iid ML
 ``ParticleLimitSolver`` otherwise, ``mflightning.limit.choice``), optionally couples the module's
 network to it at fit start (§B.4: subsampled particles, or ideal particles of the module's own
 initial weights for the reduced solver), takes one solver step per optimizer step, and every
-``every_n_steps`` logs (mf-theory.md §C)
+``every_n_steps`` logs (docs/theory.md §C)
 
 * ``limit/output_gap``: RMS over the probe inputs of ``yhat_N(x) - yhat_inf(x)`` (§C.1);
 * ``limit/relative_output_gap``: the output gap over the output size; the first time it exceeds

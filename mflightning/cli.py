@@ -7,7 +7,7 @@ Usage::
 
 The optimizer is injected into the model (the recipe's ``model.optimizer``) so it always gets the
 mean-field param groups; a top-level ``optimizer:``/``lr_scheduler:`` entry, which LightningCLI
-would apply to ``model.parameters()``, is refused (design.md §3). A recipe's ``sweep:`` section
+would apply to ``model.parameters()``, is refused. A recipe's ``sweep:`` section
 (``SweepSettings``) is read by ``mfl sweep`` and ignored by ``mfl fit``.
 """
 

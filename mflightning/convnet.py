@@ -1,4 +1,4 @@
-"""``MeanFieldConvNet``: a mean-field convolutional network (mf-theory.md §E.3 item 18).
+"""``MeanFieldConvNet``: a mean-field convolutional network (docs/theory.md §E.3 item 18).
 
 Channels are the neurons. With ``C_0`` input channels and hidden channel counts ``C_1 .. C_{L-1}``:
 

@@ -1,6 +1,6 @@
 """Data modules: the synthetic isotropic-Gaussians task and the MNIST / CIFAR-10 image tasks.
 
-``IsotropicGaussians`` is the classification task of mf-theory.md §D.1/§D.3 (Mei–Montanari–Nguyen):
+``IsotropicGaussians`` is the task of docs/theory.md §D.1/§D.3 (Mei–Montanari–Nguyen):
 ``y = +1`` or ``-1`` with probability 1/2 each, and ``x ~ N(0, (1 + y * delta)^2 I_d)``.
 
 ``MNIST`` and ``CIFAR10`` read the files through torchvision's own dataset classes, then hold the
@@ -166,7 +166,7 @@ class _ImageDataModule(_TensorDataModule):
         n_train: use only the first ``n_train`` training images (``None``: all of them).
         n_val: use only the first ``n_val`` test images as validation set (``None``: all).
         target: ``"class"`` (long class indices, for cross-entropy) or ``"onehot"`` (float
-            one-hot vectors, for squared losses on C outputs: mf-theory.md §E.3 item 16).
+            one-hot vectors, for squared losses on C outputs: docs/theory.md §E.3 item 16).
         seed: seed of the minibatch shuffling order.
         num_workers: DataLoader worker processes.
 

@@ -1,4 +1,4 @@
-"""Degeneracy diagnostics of iid deep mean-field networks (mf-theory.md §C.6, §B.3, §E.1 item 5).
+"""Degeneracy diagnostics of iid deep mean-field networks (docs/theory.md §C.6, §B.3, §E.1 item 5).
 
 Under iid initialization with L >= 4 the middle hidden layers collapse to one neuron-independent
 function (measured by ``mflightning.functional.neuron_spread``), the last hidden layer of an
@@ -23,7 +23,7 @@ def _check_finite_matrix(name: str, value: object) -> Tensor:
 
 
 def effective_rank(features: Tensor) -> Tensor:
-    r"""Entropy effective rank of a feature matrix (Roy & Vetterli 2007; mf-theory.md §C.6).
+    r"""Entropy effective rank of a feature matrix (Roy & Vetterli 2007; docs/theory.md §C.6).
 
     .. math::
         \operatorname{erank}(F) = \exp\Big(-\sum_k p_k \log p_k\Big),
@@ -51,7 +51,7 @@ def effective_rank(features: Tensor) -> Tensor:
 
 
 def middle_displacement_variance(w_now: Tensor, w_init: Tensor) -> Tensor:
-    r"""Variance over entries of a middle layer's displacement (mf-theory.md §C.6, L >= 5).
+    r"""Variance over entries of a middle layer's displacement (docs/theory.md §C.6, L >= 5).
 
     .. math::
         V_i(t) = \operatorname{var}_{j, k}\big(w_i(t, j, k) - w_i(0, j, k)\big),

@@ -1,4 +1,4 @@
-"""Construction-time checks for trivial deep mean-field limits (mf-theory.md §B.3, §E.1 item 4).
+"""Construction-time checks for trivial deep mean-field limits (docs/theory.md §B.3, §E.1 item 4).
 
 * A zero-mean middle layer (2 <= i <= L-1) makes its limit pre-activation ``H_i`` start at 0: the
   layer's neurons only carry O(N^-1/2) fluctuations at t = 0.

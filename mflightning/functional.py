@@ -1,6 +1,6 @@
 """Functional limit-tracking metrics: how far a finite-width network is from its MF limit.
 
-Every metric of mf-theory.md §C has a functional form here and a class form in
+Every metric of docs/theory.md §C has a functional form here and a class form in
 ``mflightning.metrics``. The class ``update``/``compute`` reuse the private ``_*_update`` /
 ``_*_compute`` helpers below, so each formula is written once. All arithmetic is done in float64
 whatever the input dtype, and every function returns a float64 tensor (or a dict of them).
@@ -70,7 +70,7 @@ def _output_gap_update(finite: Tensor, limit: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def output_gap(finite: Tensor, limit: Tensor) -> Tensor:
-    r"""Output gap on probe inputs (mf-theory.md §C.1).
+    r"""Output gap on probe inputs (docs/theory.md §C.1).
 
     .. math::
         G_\text{out} = \Big(\frac{1}{|P|\,d_\text{out}} \sum_{x \in P}
@@ -149,7 +149,7 @@ def _loss_gap_compute(finite_sum: Tensor, limit_sum: Tensor, weight_sum: Tensor)
 
 
 def loss_gap(finite_loss: Tensor | float, limit_loss: Tensor | float) -> Tensor:
-    r"""Loss gap (mf-theory.md §C.2): ``G_\text{loss} = |\mathcal L_N - \mathcal L_\infty|``.
+    r"""Loss gap (docs/theory.md §C.2): ``G_\text{loss} = |\mathcal L_N - \mathcal L_\infty|``.
 
     Both losses must be evaluated on the same fixed evaluation set. Expected to scale as N^{-1/2}
     per seed (N^{-1} for the difference of seed-averaged loss curves).
@@ -199,7 +199,7 @@ def _coupled_deviation_update(
 def coupled_deviation(
     weights: dict[str, Tensor], ideal_weights: dict[str, Tensor]
 ) -> dict[str, Tensor]:
-    r"""Coupled per-neuron weight deviation, per layer (mf-theory.md §C.3).
+    r"""Coupled per-neuron weight deviation, per layer (docs/theory.md §C.3).
 
     .. math::
         \text{dev}_i = \Big(\operatorname{mean}_{\text{weights of layer } i}
@@ -326,7 +326,7 @@ def sliced_wasserstein(
     seed: int = 0,
     directions: Tensor | None = None,
 ) -> Tensor:
-    r"""Sliced Wasserstein distance between two empirical laws of particles (mf-theory.md §C.4).
+    r"""Sliced Wasserstein distance between two empirical laws of particles (docs/theory.md §C.4).
 
     .. math::
         SW_p(\mu, \nu) = \Big(\frac{1}{K}\sum_{k=1}^K W_p^p(\theta_k{}_\# \mu,\,
@@ -384,7 +384,7 @@ def _mean_compute(total: Tensor, count: Tensor) -> Tensor:
 
 
 def neuron_spread(h: Tensor) -> Tensor:
-    r"""Spread of a layer's neurons (mf-theory.md §C.6 degeneracy metric).
+    r"""Spread of a layer's neurons (docs/theory.md §C.6 degeneracy metric).
 
     .. math::
         S_i = \mathbb E_x\big[\operatorname{std}_j H_i(x, j)\big],

@@ -1,4 +1,4 @@
-"""Width-independent initialization laws for mean-field weights (mf-theory.md §1.1, §E.1 item 3).
+"""Width-independent initialization laws for mean-field weights (docs/theory.md §1.1, §E.1 item 3).
 
 In the mean-field parametrization every weight is O(1): it is drawn from a law that does not depend
 on the width (unlike PyTorch's default Kaiming init, whose scale is ``1/sqrt(fan_in)``). A law is an
@@ -49,7 +49,7 @@ def _check_finite(name: str, value: float) -> None:
 class Normal(InitLaw):
     """Gaussian law ``N(mean, std**2)``; ``std=0`` gives the constant ``mean``.
 
-    Nguyen (2019) writes the middle-layer laws as ``N(mu_i, tau_i**2)`` (mf-theory.md §D.1).
+    Nguyen (2019) writes the middle-layer laws as ``N(mu_i, tau_i**2)`` (docs/theory.md §D.1).
 
     Args:
         mean: the mean ``mu``.
@@ -80,7 +80,7 @@ class Normal(InitLaw):
 
 @dataclass(frozen=True)
 class Uniform(InitLaw):
-    """Uniform law on ``[low, high]`` (Araújo et al. use ``Uniform(-c, c)``, mf-theory.md §D.2).
+    """Uniform law on ``[low, high]`` (Araújo et al. use ``Uniform(-c, c)``, docs/theory.md §D.2).
 
     Args:
         low: lower end.

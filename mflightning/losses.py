@@ -1,4 +1,4 @@
-"""Loss conventions shared by training and the limit solver (mf-theory.md §1.3, §E.3 item 15).
+"""Loss conventions shared by training and the limit solver (docs/theory.md §1.3, §E.3 item 15).
 
 * ``"mse"``:       mean over the batch of ``sum_k (yhat_k - y_k)^2``;
 * ``"half_mse"``:  half of it, ``1/2 |yhat - y|^2`` (Sirignano–Spiliopoulos, Araújo et al. and the

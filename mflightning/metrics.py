@@ -1,4 +1,4 @@
-"""Limit-tracking metrics as torchmetrics ``Metric`` classes (mf-theory.md §C).
+"""Limit-tracking metrics as torchmetrics ``Metric`` classes (docs/theory.md §C).
 
 Each class accumulates float64 states through the ``_*_update`` helpers of
 ``mflightning.functional`` and finishes with its ``_*_compute`` helper, so the class and the
@@ -62,7 +62,7 @@ class _LimitMetric(Metric):
 
 
 class OutputGap(_LimitMetric):
-    r"""Output gap on probe inputs (mf-theory.md §C.1), accumulated over batches of probes.
+    r"""Output gap on probe inputs (docs/theory.md §C.1), accumulated over batches of probes.
 
     .. math::
         G_\text{out} = \Big(\frac{1}{|P|\,d_\text{out}} \sum_{x \in P}
@@ -105,7 +105,7 @@ class OutputGap(_LimitMetric):
 
 
 class LossGap(_LimitMetric):
-    r"""Loss gap (mf-theory.md §C.2) between weighted mean losses accumulated over batches.
+    r"""Loss gap (docs/theory.md §C.2) between weighted mean losses accumulated over batches.
 
     .. math::
         G_\text{loss} = \Big|\frac{\sum_b w_b \mathcal L_N^{(b)}}{\sum_b w_b}
@@ -158,7 +158,7 @@ def _state_suffix(layer: str) -> str:
 
 
 class CoupledDeviation(_LimitMetric):
-    r"""Coupled per-neuron weight deviation, per layer (mf-theory.md §C.3).
+    r"""Coupled per-neuron weight deviation, per layer (docs/theory.md §C.3).
 
     .. math::
         \text{dev}_i = \Big(\operatorname{mean}_{\text{weights of layer } i}
@@ -224,7 +224,7 @@ def _particle_dim(state: list[Tensor] | Tensor) -> int | None:
 
 
 class SlicedWasserstein(_LimitMetric):
-    r"""Sliced Wasserstein distance between two empirical laws of particles (mf-theory.md §C.4).
+    r"""Sliced Wasserstein distance between two empirical laws of particles (docs/theory.md §C.4).
 
     .. math::
         SW_p(\mu, \nu) = \Big(\frac{1}{K}\sum_{k=1}^K W_p^p(\theta_k{}_\# \mu,\,
@@ -290,7 +290,7 @@ class SlicedWasserstein(_LimitMetric):
 
 
 class NeuronSpread(_LimitMetric):
-    r"""Spread of a layer's neurons (mf-theory.md §C.6), accumulated over batches of inputs.
+    r"""Spread of a layer's neurons (docs/theory.md §C.6), accumulated over batches of inputs.
 
     .. math::
         S_i = \mathbb E_x\big[\operatorname{std}_j H_i(x, j)\big]

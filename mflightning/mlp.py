@@ -1,4 +1,4 @@
-"""``MeanFieldMLP``: the L-layer perceptron of mf-theory.md §1.1 built from mean-field layers.
+"""``MeanFieldMLP``: the L-layer perceptron of docs/theory.md §1.1 built from mean-field layers.
 
     H_1(x)  = input_scale * W_1 x (+ b_1)                       layer1, role "input"
     H_i(x)  = (1/n_{i-1}) W_i phi_{i-1}(H_{i-1}(x)) (+ b_i)     layer2 .. layer{L-1}, role "hidden"
@@ -21,7 +21,7 @@ from mflightning.stack import MeanFieldStack, check_input_dtype, layer_role
 
 
 class MeanFieldMLP(MeanFieldStack):
-    """A mean-field multilayer perceptron (mf-theory.md §1.1) with layers ``layer1 .. layerL``.
+    """A mean-field multilayer perceptron (docs/theory.md §1.1) with layers ``layer1 .. layerL``.
 
     Args:
         in_features: input dimension d.

@@ -1,6 +1,6 @@
 """``MeanFieldModule``: a LightningModule that trains any mean-field network with the §1.2 rules.
 
-Physical time (mf-theory.md §1.1): after k optimizer steps the network is compared with its limit
+Physical time (docs/theory.md §1.1): after k optimizer steps the network is compared with its limit
 at ``mf_time = k * eps``, with ``eps`` the canonical step of the preset (``lr`` for Nguyen–Pham).
 Every logged curve carries ``mf_time`` so runs at different widths, lrs and batch sizes line up.
 """

@@ -1,6 +1,6 @@
 """Mean-field layers: ``torch.nn`` signatures plus a role, a width-independent law and ``frozen``.
 
-The forward pass follows mf-theory.md §1.1: a layer whose inputs are neurons (role ``"hidden"`` or
+The forward pass follows docs/theory.md §1.1: a layer whose inputs are neurons (role ``"hidden"`` or
 ``"readout"``) *averages* over them, ``H = (1/n_in) W a + b``; the ``"input"`` layer *sums* over
 the data coordinates, ``H = input_scale * W x + b`` (no ``1/d``, §E.3 item 19). For convolutions
 the neurons are the channels: the average is over input channels, kernel positions are summed

@@ -1,7 +1,7 @@
 """Figures of a width sweep (matplotlib's object API, no GUI backend; 600 x 450 px PNGs).
 
 * ``plot_loss_curves``: training loss against ``mf_time`` for every width, limit overlaid
-  (Nguyen's width-invariance figure, mf-theory.md §C.2);
+  (Nguyen's width-invariance figure, docs/theory.md §C.2);
 * ``plot_gap_scaling``: a gap against N on log-log axes, per-seed points, the aggregate, the
   fitted line and a ``N^{-1/2}`` reference (§C.1, §C.8);
 * ``plot_layer_scaling``: one curve per layer against N (coupled deviations §C.3, neuron

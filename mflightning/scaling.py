@@ -1,4 +1,4 @@
-"""Per-layer learning-rate rules and the seed papers' presets (mf-theory.md §1.2, §1.3).
+"""Per-layer learning-rate rules and the seed papers' presets (docs/theory.md §1.2, §1.3).
 
 Every mean-field layer knows its multiplier (``n_in * n_out``, data input and output counted as 1).
 ``param_groups`` turns a model into optimizer param groups named ``mf/<module path>`` (weights)

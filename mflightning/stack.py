@@ -1,4 +1,4 @@
-"""``MeanFieldStack``: what every mean-field network of L weight layers shares (mf-theory.md §1.1).
+"""``MeanFieldStack``: what every MF network of L weight layers shares (docs/theory.md §1.1).
 
 Layers are registered as ``layer1 .. layerL`` (NP indexing w_1 .. w_L): ``layer1`` has role
 ``"input"``, ``layerL`` role ``"readout"``, the others ``"hidden"``. Per layer: an activation

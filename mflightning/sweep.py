@@ -1,4 +1,4 @@
-"""Width sweeps: one recipe over widths x seeds, every run coupled to one limit (mf-theory.md §C.8).
+"""Width sweeps: a recipe over widths x seeds, each run coupled to one limit (docs/theory.md §C.8).
 
 ``WidthSweep`` integrates the particle limit **once** (M particles, default 8 x the largest
 width), couples every (width, seed) run to it by subsampling the particles (§B.4: a seed is an

@@ -3,7 +3,7 @@
 The mode is ``"offline"`` unless ``WANDB_MODE=online`` is set or the user is logged in (an API
 key in ``WANDB_API_KEY`` or ``~/.netrc``); offline runs need no account and no network, and
 ``wandb sync <folder>`` uploads them later. Limit metrics use ``mf_time`` as their x-axis
-(``define_metric``), so runs of different widths line up (mf-theory.md §1.1).
+(``define_metric``), so runs of different widths line up (docs/theory.md §1.1).
 """
 
 from __future__ import annotations

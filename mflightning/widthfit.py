@@ -1,4 +1,4 @@
-"""Log-log width-scaling fits with a seed bootstrap (mf-theory.md §C, §C.8).
+"""Log-log width-scaling fits with a seed bootstrap (docs/theory.md §C, §C.8).
 
 A limit-tracking metric ``m(N)`` is expected to scale as ``c * N^slope`` (slope -1/2 for the RMS
 over seeds of the output gap, §C.1; -1 for seed-averaged biases). Given per-(width, seed) values,

@@ -1,4 +1,4 @@
-"""Independent numpy float64 reference of the finite MF network of mf-theory.md §1.1.
+"""Independent numpy float64 reference of the finite MF network of docs/theory.md §1.1.
 
 No torch, no autograd: forward H_i, normalized backward Delta_i and normalized gradients Grad_i are
 written out with einsum in Nguyen–Pham index order,

@@ -125,7 +125,7 @@ def test_bad_coupling_arguments(kwargs: dict, argument: str) -> None:
         make_solver().couple(**kwargs)
 
 
-# --- T-COUPLE (mf-theory.md §D.3, protocol §C.8) -------------------------------------------------
+# --- T-COUPLE (docs/theory.md §D.3, protocol §C.8) -----------------------------------------------
 
 
 def t_couple(

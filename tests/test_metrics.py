@@ -1,4 +1,4 @@
-"""Limit-tracking metrics (mf-theory.md §C) against slow numpy float64 references.
+"""Limit-tracking metrics (docs/theory.md §C) against slow numpy float64 references.
 
 Covers, for every class and functional twin: value vs reference, accumulation over updates,
 reset, clone, pickling, empty state_dict, merge of two "processes" (merge_state), a real 2-process

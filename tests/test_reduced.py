@@ -1,4 +1,4 @@
-"""ReducedLimitSolver (mf-theory.md §B.3/§B.4) against the brute-force solver; §D.3 T-REDUCED,
+"""ReducedLimitSolver (docs/theory.md §B.3/§B.4) against the brute-force solver; §D.3 T-REDUCED,
 T-DEGEN and T-ARAUJO; degeneracy diagnostics (§C.6)."""
 
 from __future__ import annotations

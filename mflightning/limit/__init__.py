@@ -1,4 +1,4 @@
-"""The mean-field limit: particle solver (mf-theory.md §B.4) and coupling of networks to it."""
+"""The mean-field limit: particle solver (docs/theory.md §B.4) and coupling of networks to it."""
 
 from mflightning.limit.coupling import Coupling, couple
 from mflightning.limit.ideal import IdealCoupling

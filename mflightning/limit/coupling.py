@@ -1,4 +1,4 @@
-"""Coupling a width-N network to the particle-limit solver by index sampling (mf-theory.md §B.4).
+"""Coupling a width-N network to the particle-limit solver by index sampling (docs/theory.md §B.4).
 
 Per hidden layer i an index set ``S_i`` of size ``n_i`` is drawn from the solver's ``M_i``
 particles, and the small network starts from the particles' sub-array

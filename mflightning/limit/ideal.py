@@ -1,4 +1,4 @@
-"""Ideal-particle coupling of a network to the reduced solver (mf-theory.md §B.4 item 3).
+"""Ideal-particle coupling of a network to the reduced solver (docs/theory.md §B.4 item 3).
 
 A width-N network is not a subsample of the reduced solver's atoms: each of its neurons keeps its
 own initial values ``u`` and gets its own *ideal particle*, the characteristic ODE of the §B.3

@@ -1,4 +1,4 @@
-"""The reduced iid solver R_M of mf-theory.md §B.4, integrating the systems of §B.3.
+"""The reduced iid solver R_M of docs/theory.md §B.4, integrating the systems of §B.3.
 
 Under iid initialization of a fully connected MF network a middle weight's drift does not depend on
 its own value, and its initial value ``u_i`` enters the limit only through the law's mean ``mu_i``
@@ -92,7 +92,7 @@ def _check_reducible(network: object) -> list[MeanFieldLinear]:
 
 
 class ReducedLimitSolver(EulerSolver):
-    """Reduced iid solver R_M of the mean-field limit (mf-theory.md §B.4; equations §B.3).
+    """Reduced iid solver R_M of the mean-field limit (docs/theory.md §B.4; equations §B.3).
 
     The atoms are the network's first-layer rows ``U_1`` and readout columns ``U_L``; the middle
     layers enter only through the means ``mu_i = layer.init_law.mean`` (their drawn weights are

@@ -1,4 +1,4 @@
-"""The brute-force particle-limit solver S_M of mf-theory.md §B.4.
+"""The brute-force particle-limit solver S_M of docs/theory.md §B.4.
 
 For the neuronal embedding with M atoms per hidden layer (uniform law on ``{1..M}``, weights an
 iid ``M x M`` array drawn once), the multilayer mean-field limit of §B.2 *is* a width-M network
@@ -221,7 +221,7 @@ class EulerSolver(ABC):
 
 
 class ParticleLimitSolver(EulerSolver):
-    """Brute-force particle solver of the mean-field limit (mf-theory.md §B.4, equations §B.2).
+    """Brute-force particle solver of the mean-field limit (docs/theory.md §B.4, equations §B.2).
 
     The given width-M network is deep-copied into ``dtype``/``device``: its neurons are the M
     particles (atoms) of the neuronal embedding. Each ``step`` is one explicit-Euler step
