@@ -51,7 +51,7 @@ def test_sweep_writes_report_curves_and_figures(tiny_sweep: tuple[Path, dict]) -
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert on_disk["widths"] == [16, 32] and on_disk["seeds"] == 2 and on_disk["particles"] == 128
-    assert on_disk["horizon"] == pytest.approx(0.6)
+    assert on_disk["horizon"] == pytest.approx(6 * 0.2)  # max_steps x the recipe's lr
     for width in ("16", "32"):
         values = on_disk["per_width"][width]
         assert len(values["output_gap_per_seed"]) == 2 and values["output_gap_rms"] > 0
@@ -90,7 +90,7 @@ def test_sweep_writes_one_offline_wandb_run_per_width_and_seed(
     one = by_name["N32-seed1"]
     config = json.loads(one["config"]["sweep"])
     assert config["width"] == 32 and config["seed"] == 1 and config["particles"] == 128
-    assert config["multipliers"]["layer2"] == 32 * 32 and config["lr"] == 0.1
+    assert config["multipliers"]["layer2"] == 32 * 32 and config["lr"] == 0.2
     assert {"limit/output_gap", "limit/loss_gap", "limit/dev/layer2", "mf_time"} <= one["history"]
     assert one["metrics"]["limit/*"] == "mf_time"  # mf_time is the x-axis of limit metrics
     summary = by_name["demo_gaussians-summary"]
