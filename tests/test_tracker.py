@@ -158,3 +158,53 @@ def test_bad_tracker_arguments(kwargs: dict, argument: str) -> None:
     args = {"particles": 32, "probe": torch.randn(4, 10)} | kwargs
     with pytest.raises(ValueError, match=f"`{argument}`"):
         LimitTracker(**args)
+
+
+DEEP_LAWS = [Normal(0.0, 1.0), Normal(1.0, 0.5), Normal(1.0, 0.5), Normal(0.0, 2.0)]
+
+
+def _deep_module(width: int) -> MeanFieldModule:
+    net = MeanFieldMLP(
+        10, [width] * 3, activations=["relu", "tanh", "tanh", "identity"], init=DEEP_LAWS,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    return MeanFieldModule(net, lr=0.2, loss="half_mse")
+
+
+@pytest.mark.parametrize(("steps", "leaves"), [(20, False), (200, True)])
+def test_tracker_on_a_deep_iid_network_warns_once_when_it_leaves_the_exact_limit(
+    tmp_path: Path, steps: int, leaves: bool
+) -> None:
+    """docs/theory.md §D.4: a width-16 iid 4-layer net escapes its degenerate limit; r > 1/2."""
+    from mflightning import ReducedLimitSolver
+
+    module = _deep_module(16)
+    data = IsotropicGaussians(n_train=256, n_val=128, seed=0)
+    tracker = LimitTracker(particles=2048, every_n_steps=10, probe=data.val_set.tensors)
+    with pytest.warns() as record:
+        _trainer(tmp_path, steps, [tracker]).fit(module, data)
+    assert isinstance(tracker.solver, ReducedLimitSolver)  # limit="auto" on a deep iid MLP
+    left = [w for w in record if "left its mean-field limit" in str(w.message)]
+    rows = list(csv.DictReader(open(next(Path(tmp_path).rglob("metrics.csv")))))
+    relative = [float(r["limit/relative_output_gap"]) for r in rows if r["limit/relative_output_gap"]]
+    assert len(relative) == steps // 10 + 1 and relative[0] < 0.5
+    if leaves:
+        assert len(left) == 1 and tracker.left_limit_at is not None
+        step = tracker.left_limit_at["step"]
+        assert f"at step {step} " in str(left[0].message) and 0 < step <= steps
+        assert tracker.left_limit_at["mf_time"] == pytest.approx(0.2 * step)
+        assert max(relative) > 0.5
+    else:
+        assert not left and tracker.left_limit_at is None and max(relative) <= 0.5
+
+
+def test_tracker_limit_reduced_refuses_a_network_it_cannot_integrate(tmp_path: Path) -> None:
+    module = MeanFieldModule(
+        MeanFieldMLP(10, [8, 8, 8], init=DEEP_LAWS, bias=True, bias_init=Normal(0.0, 1.0)),
+        lr=0.1,
+        loss="half_mse",
+    )
+    tracker = LimitTracker(particles=64, limit="reduced", probe=_probe())
+    with pytest.raises(ValueError, match="non-constant initial biases.*--limit particles"):
+        _trainer(tmp_path, 2, [tracker]).fit(module, _data())
+    assert module.mf_time == 0.0

@@ -68,7 +68,8 @@ def resolve_limit(kind: str, network: MeanFieldStack) -> Literal["particles", "r
         if reason is not None:
             raise ValueError(
                 f"`limit` = 'reduced' cannot integrate this network's limit: {reason} "
-                "Use --limit particles (the particle solver covers every network)."
+                "Use --limit particles (LimitTracker: limit='particles'): the particle solver "
+                "covers every network."
             )
         return "reduced"
     if kind == "auto" and reason is None and len(network.widths) + 1 >= MIN_REDUCED_DEPTH:
