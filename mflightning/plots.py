@@ -141,12 +141,13 @@ def plot_validity(validity: Mapping[str, Any], path: Path) -> Path:
         if not fitted:
             continue
         times = [row["mf_time"] for row in fitted]
-        ax.plot(times, [row["slope"] for row in fitted], "-", color=color, label=metric)
+        star = entry["t_star"]
+        label = metric if star is None else f"{metric} (t* = {star:g})"
+        ax.plot(times, [row["slope"] for row in fitted], "-", color=color, label=label)
         low, high = [row["ci_low"] for row in fitted], [row["ci_high"] for row in fitted]
         ax.fill_between(times, low, high, color=color, alpha=0.15)
-        if entry["t_star"] is not None:
-            ax.axvline(entry["t_star"], color=color, linestyle=":")
-            ax.annotate(f"t* {entry['t_star']:g}", (entry["t_star"], 0.05), color=color)
+        if star is not None:
+            ax.axvline(star, color=color, linestyle=":")
     ax.axhline(-0.5, color="black", linewidth=1, label="mean-field rate -1/2")
     ax.axhline(-0.25, color="gray", linestyle="--", linewidth=1, label="off rate above -1/4")
     ax.set_xlabel("mf_time t = step x eps")
