@@ -117,18 +117,19 @@ class CoordSlope:
             )
         grows = self.slope > 0
         causes = {
-            ("activation", True): "a sum over neurons without the 1/n average (§1.1, §E.1 item 1)",
+            ("activation", True): "a sum over neurons without the 1/n average "
+            "(docs/theory.md §1.1, §E.1 item 1)",
             ("activation", False): "weights scaled like 1/sqrt(fan-in), e.g. torch's default "
-            "init (§E.1 item 3), zero-mean middle weights or an odd first activation with a "
-            "symmetric first-layer law (§E.1 item 4)",
+            "init (docs/theory.md §E.1 item 3), zero-mean middle weights or an odd first "
+            "activation with a symmetric first-layer law (§E.1 item 4)",
             ("update", True): "a learning-rate multiplier too large for the layer's forward "
-            "scaling (§1.2, §E.1 item 2)",
+            "scaling (docs/theory.md §1.2, §E.1 item 2)",
             ("update", False): "a missing learning-rate multiplier n_in * n_out, e.g. a layer "
-            "that is not a mean-field layer (§1.2, §E.1 item 2)",
+            "that is not a mean-field layer (docs/theory.md §1.2, §E.1 item 2)",
         }
         transient = (
             " A slope near -1/2 that fades with more steps is instead the N^-1/2 fluctuation of "
-            "a quantity whose limit starts at 0 (§C.1): rerun with more `steps`."
+            "a quantity whose limit starts at 0 (docs/theory.md §C.1): rerun with more `steps`."
             if -0.75 < self.slope < 0
             else ""
         )
