@@ -44,7 +44,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from mflightning.losses import LossName, check_loss_name, mean_field_loss
-from mflightning.plots import FIGSIZE, _log_axes, _save
+from mflightning.plots import FIGSIZE, log_axes, save_figure
 from mflightning.scaling import param_groups
 from mflightning.stack import MeanFieldStack
 from mflightning.widthfit import fit_loglog_slope
@@ -442,7 +442,7 @@ def plot_coord_data(
                 lw=2,
                 label=f"{label} (flagged)" if flagged else label,
             )
-        _log_axes(ax, widths)
+        log_axes(ax, widths)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize="small")
     axes[0].set_title(f"pre-activations, step 0 to {data.steps}")
@@ -452,4 +452,4 @@ def plot_coord_data(
         or f"Coordinate check: {data.steps} SGD steps, {len(data.seeds)} seeds "
         f"(flat = mean-field scaled; flagged: |slope| > {tolerance:g})"
     )
-    return _save(fig, path)
+    return save_figure(fig, path)

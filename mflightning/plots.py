@@ -28,7 +28,7 @@ FIGSIZE = (6.0, 4.5)
 DPI = 100
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` to ``path`` atomically (a crash leaves the previous figure intact)."""
     path = Path(path)
     fig.tight_layout()
@@ -37,7 +37,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _log_axes(ax: Any, widths: Sequence[float]) -> None:
+def log_axes(ax: Any, widths: Sequence[float]) -> None:
     """Log-log axes with the sweep's widths as plain x tick labels."""
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -69,7 +69,7 @@ def plot_loss_curves(
     ax.set_ylabel("training loss (mean over seeds)")
     ax.set_title("Width invariance: loss curves approach the limit")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_gap_scaling(
@@ -98,11 +98,11 @@ def plot_gap_scaling(
     )
     reference = aggregate[0] * (widths / widths[0]) ** -0.5
     ax.plot(widths, reference, ":", color="gray", label="N^-1/2 reference")
-    _log_axes(ax, widths.tolist())
+    log_axes(ax, widths.tolist())
     ax.set_ylabel(label)
     ax.set_title(f"{label} vs width")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_layer_scaling(
@@ -120,11 +120,11 @@ def plot_layer_scaling(
     first = np.array([v[0] for v in per_layer.values()])
     guide = np.exp(np.log(first).mean()) * (np.asarray(widths) / widths[0]) ** -0.5
     ax.plot(widths, guide, ":", color="gray", label="N^-1/2 guide")
-    _log_axes(ax, widths)
+    log_axes(ax, widths)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_validity(validity: Mapping[str, Any], path: Path) -> Path:
@@ -154,4 +154,4 @@ def plot_validity(validity: Mapping[str, Any], path: Path) -> Path:
     ax.set_ylabel("log-log slope over widths (90% interval)")
     ax.set_title("Validity: do the gaps still shrink like N^-1/2?")
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)

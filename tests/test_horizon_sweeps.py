@@ -145,7 +145,7 @@ def test_auto_keeps_the_particle_solver_for_conv_nets() -> None:
         in_channels=1, channels=[4, 4, 4], out_features=2, generator=torch.Generator()
     )
     assert resolve_limit("auto", net) == "particles"
-    with pytest.raises(ValueError, match="MeanFieldMLP.*--limit particles"):
+    with pytest.raises(ValueError, match=r"MeanFieldMLP.*--limit particles"):
         resolve_limit("reduced", net)
 
 
@@ -158,6 +158,6 @@ def test_limit_reduced_on_an_unsupported_network_is_refused_before_training(
         "        class_path: mflightning.Normal\n        init_args: {mean: 0.0, std: 1.0}\n"
     )
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="non-constant initial biases.*--limit particles"):
+    with pytest.raises(ValueError, match=r"non-constant initial biases.*--limit particles"):
         _run(out, SHORT, "--config", str(overlay), "--limit=reduced")
     assert not out.exists()  # refused before any folder, limit pass or training

@@ -387,7 +387,7 @@ def test_a_failed_figure_keeps_the_previous_png_and_leaves_no_temp(
     from mflightning import plots
 
     path = tmp_path / "output_gap.png"
-    plots._save(Figure(), path)
+    plots.save_figure(Figure(), path)
     before = path.read_bytes()
     assert before.startswith(b"\x89PNG")
 
@@ -396,7 +396,7 @@ def test_a_failed_figure_keeps_the_previous_png_and_leaves_no_temp(
 
     monkeypatch.setattr(Figure, "savefig", crashing_savefig)
     with pytest.raises(OSError, match="No space"):
-        plots._save(Figure(figsize=(2, 2)), path)
+        plots.save_figure(Figure(figsize=(2, 2)), path)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["output_gap.png"]

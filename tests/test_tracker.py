@@ -186,7 +186,8 @@ def test_tracker_on_a_deep_iid_network_warns_once_when_it_leaves_the_exact_limit
     assert isinstance(tracker.solver, ReducedLimitSolver)  # limit="auto" on a deep iid MLP
     left = [w for w in record if "left its mean-field limit" in str(w.message)]
     rows = list(csv.DictReader(open(next(Path(tmp_path).rglob("metrics.csv")))))
-    relative = [float(r["limit/relative_output_gap"]) for r in rows if r["limit/relative_output_gap"]]
+    key = "limit/relative_output_gap"
+    relative = [float(r[key]) for r in rows if r[key]]
     assert len(relative) == steps // 10 + 1 and relative[0] < 0.5
     if leaves:
         assert len(left) == 1 and tracker.left_limit_at is not None
@@ -205,6 +206,6 @@ def test_tracker_limit_reduced_refuses_a_network_it_cannot_integrate(tmp_path: P
         loss="half_mse",
     )
     tracker = LimitTracker(particles=64, limit="reduced", probe=_probe())
-    with pytest.raises(ValueError, match="non-constant initial biases.*--limit particles"):
+    with pytest.raises(ValueError, match=r"non-constant initial biases.*--limit particles"):
         _trainer(tmp_path, 2, [tracker]).fit(module, _data())
     assert module.mf_time == 0.0

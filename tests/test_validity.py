@@ -73,6 +73,7 @@ def test_steps_without_a_fit_are_skipped() -> None:
 def test_validity_reports_step_and_time_and_the_earliest_metric() -> None:
     rng = np.random.default_rng(0)
     widths = [16, 32, 64]
+
     # the gap shrinks like N^-1/2 for 6 logged steps, then is the same at every width
     def values(w: int) -> np.ndarray:
         noise = np.exp(rng.normal(0, 0.05, 12))
