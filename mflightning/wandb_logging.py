@@ -24,6 +24,9 @@ TIME_AXIS_METRICS = ("limit/*", "train/*", "val/*")
 DEFAULT_HOST = "https://api.wandb.ai"
 PROBE_TIMEOUT_S = 3.0
 """Seconds the connection probe to the W&B host may take before falling back to offline."""
+PROJECT_FORBIDDEN = "/\\#?%:"
+"""Characters W&B refuses in a project name."""
+PROJECT_MAX_LENGTH = 128
 
 
 class WandbOfflineFallback(UserWarning):
@@ -34,6 +37,32 @@ def check_mode(mode: str) -> None:
     """Raise ``ValueError`` naming ``wandb`` unless ``mode`` is one of ``WANDB_MODES``."""
     if mode not in WANDB_MODES:
         raise ValueError(f"unknown `wandb` mode {mode!r}; choose one of {WANDB_MODES}.")
+
+
+def check_project(project: str) -> None:
+    """Raise ``ValueError`` naming ``project`` unless W&B accepts it as a project name.
+
+    W&B refuses empty names, names over ``PROJECT_MAX_LENGTH`` characters and the characters
+    of ``PROJECT_FORBIDDEN``; checked up front, a bad name fails before any training instead
+    of after the limit pass.
+    """
+    if not isinstance(project, str) or not project.strip():
+        raise ValueError(
+            f"`project` must be a non-empty W&B project name, got {project!r}; use e.g. "
+            "--sweep.project=mflightning."
+        )
+    forbidden = sorted(set(PROJECT_FORBIDDEN) & set(project))
+    if forbidden:
+        raise ValueError(
+            f"`project` {project!r} is not a valid W&B project name (it contains "
+            f"{' '.join(forbidden)}); use a plain name without {' '.join(PROJECT_FORBIDDEN)}, "
+            "e.g. --sweep.project=mflightning."
+        )
+    if len(project) > PROJECT_MAX_LENGTH:
+        raise ValueError(
+            f"`project` is {len(project)} characters long but W&B accepts at most "
+            f"{PROJECT_MAX_LENGTH}; use a shorter name."
+        )
 
 
 def resolve_mode(mode: str) -> ResolvedMode:
