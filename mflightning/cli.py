@@ -13,9 +13,11 @@ would apply to ``model.parameters()``, is refused. A recipe's ``sweep:`` section
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -41,6 +43,7 @@ SWEEP_FLAGS = (
     "limit",
 )
 SWEEP_TRAINER_KEYS = ("accelerator", "precision", "deterministic")
+RECIPE_KEYS = ("seed_everything", "model", "data")  # with the sweep's own: what a run depends on
 
 
 class MeanFieldCLI(LightningCLI):
@@ -49,6 +52,22 @@ class MeanFieldCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add the recipe's ``sweep:`` section."""
         parser.add_class_arguments(SweepSettings, "sweep")
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a ``sweep:`` section that is not a mapping (jsonargparse keeps or drops it)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        section = config.get("sweep")
+        fields = {f.name for f in dataclasses.fields(SweepSettings)}
+        if not isinstance(section, Namespace) or not fields <= set(section.keys()):
+            got = (
+                "it is not one (a sweep flag on the command line replaced it)"
+                if isinstance(section, Namespace)
+                else f"got {section!r}"
+            )
+            self._parser(self.subcommand).error(
+                "the recipe's `sweep:` section must be a mapping of sweep settings, e.g. "
+                f"`sweep: {{widths: [32, 64], seeds: 4}}`; {got}."
+            )
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         for key in ("optimizer", "lr_scheduler"):
@@ -96,7 +115,11 @@ def sweep(argv: list[str]) -> dict[str, object]:
     config_files = cli.config.get("config") or []
     name = Path(str(config_files[0])).stem if config_files else "sweep"
     settings: SweepSettings = cli.config_init.sweep
-    runner = WidthSweep(cli.model, cli.datamodule, steps, settings, trainer_kwargs, name=name)
+    config = cli.config.as_dict()
+    recipe = {key: config.get(key) for key in RECIPE_KEYS}
+    runner = WidthSweep(
+        cli.model, cli.datamodule, steps, settings, trainer_kwargs, name=name, recipe=recipe
+    )
     report = runner.run()
     print(f"report: {runner.out / 'report.json'} (figures, curves.csv beside it)")
     hint = offline_hint(runner.wandb_mode, runner.out)
