@@ -899,7 +899,8 @@ class WidthSweep:
             (self.out / f"{name}.png").unlink(missing_ok=True)
         tables = report_tables(report)
         config = {"widths": sorted(self.settings.widths), "seeds": self.settings.seeds}
-        summary_id = "summary-" + fingerprint([report["fingerprint"], self.name, config])[:16]
+        key = [str(self.out.resolve()), report["fingerprint"], self.name, config]
+        summary_id = f"summary-{fingerprint(key)[:16]}"  # a rerun into this folder resumes it
         log_summary(
             self.wandb_mode,
             self.out,
