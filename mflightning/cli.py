@@ -95,6 +95,9 @@ class MeanFieldArgumentParser(LightningArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+RECIPE_KEYS = ("seed_everything", "model", "data")  # with the sweep's own: what a run depends on
+
+
 class MeanFieldCLI(LightningCLI):
     """LightningCLI for mean-field recipes.
 
@@ -212,7 +215,11 @@ def sweep(argv: list[str]) -> dict[str, object]:
     config_files = cli.config.get("config") or []
     name = Path(str(config_files[0])).stem if config_files else "sweep"
     settings: SweepSettings = cli.config_init.sweep
-    runner = WidthSweep(cli.model, cli.datamodule, steps, settings, trainer_kwargs, name=name)
+    config = cli.config.as_dict()
+    recipe = {key: config.get(key) for key in RECIPE_KEYS}
+    runner = WidthSweep(
+        cli.model, cli.datamodule, steps, settings, trainer_kwargs, name=name, recipe=recipe
+    )
     report = runner.run()
     print(f"report: {runner.out / 'report.json'} (figures, curves.csv beside it)")
     hint = offline_hint(runner.wandb_mode, runner.out)
