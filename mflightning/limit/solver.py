@@ -211,7 +211,13 @@ class EulerSolver(ABC):
                 raise ValueError("`data` yielded no batches.")
 
     def _check_saved(self, state_dict: dict[str, Any]) -> None:
-        """Refuse a ``state_dict`` saved with another ``lr`` or ``loss``."""
+        """Refuse a ``state_dict`` saved with another ``lr`` or ``loss``, or a bad step count."""
+        steps = state_dict["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(
+                f"`state_dict` has steps={steps!r}: the step count must be a non-negative "
+                "integer; the state is corrupt, load another one or start a fresh solver."
+            )
         for key in ("lr", "loss"):
             if state_dict[key] != getattr(self, key):
                 raise ValueError(
