@@ -747,6 +747,10 @@ def test_kernels_match_torch_activations_and_autograd(name: str) -> None:
     kernel = KERNELS[name]
     torch.testing.assert_close(kernel(u.detach()), value.detach(), rtol=0, atol=2e-15)
     torch.testing.assert_close(kernel.slope(u.detach()), slope, rtol=0, atol=2e-15)
+    if kernel.homogeneous_slope is not None:  # phi(u) = u phi'(u), phi' written over u
+        homogeneous = kernel.homogeneous_slope(u.detach().clone())
+        torch.testing.assert_close(homogeneous, slope, rtol=0, atol=0)
+        torch.testing.assert_close(u.detach() * homogeneous, value.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("depth", [2, 3, 5])

@@ -107,12 +107,17 @@ class Kernel:
         inner: the scale ``c`` of the argument.
         outer: the scale ``a`` of the value.
         shift: the offset ``e`` of the value.
+        homogeneous_slope: for a positively homogeneous ``phi`` (``phi(u) = u phi'(u)``: relu,
+            identity; ``c = a = 1``, ``e = 0``), writes ``phi'(u)`` over ``u``: the backward
+            pass then needs only the slope, ``dL/dR`` coming from the same contraction as
+            ``dL/dtheta`` (``A[p, k] = D[p, k] (X[p] . theta[k] + b[k])``).
     """
 
     core: Core
     inner: float = 1.0
     outer: float = 1.0
     shift: float = 0.0
+    homogeneous_slope: Callable[[Tensor], Tensor] | None = None
 
     def __call__(self, u: Tensor) -> Tensor:
         """``phi(u)`` (a fresh tensor; reference form, used by the tests)."""
@@ -126,8 +131,8 @@ class Kernel:
 
 
 KERNELS: dict[str, Kernel] = {
-    "identity": Kernel(_identity),
-    "relu": Kernel(_relu),
+    "identity": Kernel(_identity, homogeneous_slope=lambda u: u.fill_(1.0)),
+    "relu": Kernel(_relu, homogeneous_slope=lambda u: u.gt_(0.0)),
     "tanh": Kernel(_sigmoid, inner=2.0, outer=2.0, shift=-1.0),  # tanh u = 2 sigmoid(2u) - 1
     "sigmoid": Kernel(_sigmoid),
     "gelu": Kernel(_gelu),
@@ -169,12 +174,14 @@ class EndLayer:
         return self.theta.shape[0]
 
     def chunk(self, atoms: slice) -> tuple[Tensor, Tensor | None, Tensor]:
-        """``(theta, b, R)`` of a chunk of atoms, offsets added and ``R`` divided by ``M``."""
+        """``(theta, b, M R)`` of a chunk of atoms, offsets added (``R`` not divided by ``M``)."""
         theta = self.theta[atoms]
         if self.theta_offset:
             theta = theta + self.theta_offset
         bias = None if self.bias is None else self.bias[atoms]
-        readout = (self.readout[:, atoms] + self.readout_offset) / self.count
+        readout = self.readout[:, atoms]
+        if self.readout_offset:
+            readout = readout + self.readout_offset
         return theta, bias, readout
 
 
@@ -188,12 +195,12 @@ def _buffer(storage: Tensor, rows: int, columns: int) -> Tensor:
     return storage[: rows * columns].view(rows, columns)
 
 
-def _core_values(
-    x: Tensor, theta: Tensor, bias: Tensor | None, kernel: Kernel, out: Tensor, slope: Tensor | None
+def _preactivation(
+    x: Tensor, theta: Tensor, bias: Tensor | None, inner: float, out: Tensor
 ) -> Tensor:
-    """``core(inner * u)`` for ``u = X theta.T + b``, written over ``out`` where possible."""
-    if kernel.inner != 1.0 and bias is not None:
-        bias = kernel.inner * bias
+    """``inner * u`` for ``u = X theta.T + b`` into ``out`` (``x`` already scaled by inner)."""
+    if inner != 1.0 and bias is not None:
+        bias = inner * bias
     if theta.shape[1] == 1:  # rank one: the last hidden layer
         if bias is None:
             torch.outer(x[:, 0], theta[:, 0], out=out)
@@ -203,7 +210,7 @@ def _core_values(
         torch.mm(x, theta.T, out=out)
     else:
         torch.addmm(bias, x, theta.T, out=out)
-    return kernel.core(out, slope)
+    return out
 
 
 def forward_sum(layer: EndLayer, x: Tensor, kernel: Kernel, chunk: int) -> Tensor:
@@ -215,23 +222,21 @@ def forward_sum(layer: EndLayer, x: Tensor, kernel: Kernel, chunk: int) -> Tenso
         kernel: the activation ``phi``.
         chunk: atoms per chunk.
     """
-    rows = x.shape[0]
+    rows, outputs = x.shape[0], layer.readout.shape[0]
     scaled = kernel.inner * x if kernel.inner != 1.0 else x
-    total = x.new_zeros(rows, layer.readout.shape[0])
+    total = x.new_zeros(rows, outputs)
     workspace = x.new_empty(rows * min(chunk, layer.size))
-    readout_sum = x.new_zeros(layer.readout.shape[0])
+    weight = kernel.outer / layer.count
     for atoms in _chunks(layer.size, chunk):
         theta, bias, readout = layer.chunk(atoms)
-        out = _buffer(workspace, rows, theta.shape[0])
-        values = _core_values(scaled, theta, bias, kernel, out, None)
-        if readout.shape[0] == 1:  # one output: a matrix-vector product (faster on CPUs)
-            total[:, 0].addmv_(values, readout[0], alpha=kernel.outer)
+        u = _preactivation(scaled, theta, bias, kernel.inner, _buffer(workspace, rows, len(theta)))
+        values = kernel.core(u, None)
+        if outputs == 1:  # a matrix-vector product: faster than a one-column product on CPUs
+            total[:, 0].addmv_(values, readout[0], alpha=weight)
         else:
-            total.addmm_(values, readout.T, alpha=kernel.outer)
-        if kernel.shift:
-            readout_sum += readout.sum(1)
-    if kernel.shift:
-        total += kernel.shift * readout_sum
+            total.addmm_(values, readout.T, alpha=weight)
+    if kernel.shift:  # sum_k e R[c, k], the same for every sample
+        total += kernel.shift * (layer.readout + layer.readout_offset).sum(1) / layer.count
     return total
 
 
@@ -265,56 +270,79 @@ def backward_step(
     rows, width = x.shape
     outputs = grad.shape[1]
     scaled = kernel.inner * x if kernel.inner != 1.0 else x
-    weights = {"theta", "bias"} & set(layer.steps)
-    # Q[p, (j, c)] = [X, 1][p, j] G[p, c]: one product with D gives dL/dtheta and dL/db
-    augmented = torch.cat([x, x.new_ones(rows, 1)], dim=1)
+    homogeneous = kernel.homogeneous_slope is not None
+    steps = layer.steps
+    contract = bool({"theta", "bias"} & set(steps)) or (homogeneous and "readout" in steps)
+    # Q[p, (j, c)] = [X, 1][p, j] G[p, c] / M: Q.T @ D gives dL/dtheta and dL/db (and dL/dR if
+    # homogeneous) in one product; the factors 1/M, a and c are folded in here
+    augmented = torch.cat([x, x.new_ones(rows, 1)], dim=1) / layer.count
     mixed = (augmented[:, :, None] * grad[:, None, :]).reshape(rows, (width + 1) * outputs)
+    mixed = mixed.T.contiguous()
     slope_scale = kernel.outer * kernel.inner
     x_grad = x.new_zeros(rows, outputs * width) if input_grad else None
     size = min(chunk, layer.size)
-    workspace, slope_space = x.new_empty(rows * size), x.new_empty(rows * size)
-    grad_sum = grad.sum(0)
+    workspace = x.new_empty(rows * size)
+    slope_space = None if homogeneous else x.new_empty(rows * size)
+    # dL/d(readout field) = (a G.T @ core + e sum_p G) / M
+    readout_shift = kernel.shift * grad.sum(0)[:, None] / layer.count
+    readout_weight = kernel.outer / layer.count
+    stepped = {"theta": layer.theta, "bias": layer.bias, "readout": layer.readout}
     for atoms in _chunks(layer.size, chunk):
         theta, bias, readout = layer.chunk(atoms)
         n = theta.shape[0]
-        slope = _buffer(slope_space, rows, n) if weights or input_grad else None
-        values = _core_values(scaled, theta, bias, kernel, _buffer(workspace, rows, n), slope)
+        u = _preactivation(scaled, theta, bias, kernel.inner, _buffer(workspace, rows, n))
         updates: dict[str, Tensor] = {}
-        if "readout" in layer.steps:  # dL/dR / M, R = (readout + offset) / M
+        if kernel.homogeneous_slope is not None:
+            slope: Tensor | None = kernel.homogeneous_slope(u)
+        else:
+            slope = None
+            if contract or input_grad:
+                assert slope_space is not None  # allocated for every non-homogeneous kernel
+                slope = _buffer(slope_space, rows, n)
+            values = kernel.core(u, slope)
+            if "readout" in steps:
+                if outputs == 1:
+                    readout_grad = torch.addmv(
+                        readout_shift[0], values.T, grad[:, 0], alpha=readout_weight
+                    )[None, :]
+                else:
+                    readout_grad = torch.addmm(readout_shift, grad.T, values, alpha=readout_weight)
+                updates["readout"] = readout_grad
+        if contract:
+            assert slope is not None  # computed whenever contract
+            contracted = (mixed @ slope).view(width + 1, outputs, n)
+            if homogeneous and "readout" in steps:  # sum_p G D (X . theta + b) / M
+                readout_grad = (contracted[:width] * theta.T[:, None, :]).sum(0)
+                if bias is not None:
+                    readout_grad.addcmul_(contracted[width], bias)
+                updates["readout"] = readout_grad
             if outputs == 1:
-                readout_grad = torch.mv(values.T, grad[:, 0])[None, :]
+                summed = contracted[:, 0].mul(readout[0]).mul_(slope_scale)  # (q + 1, n)
             else:
-                readout_grad = grad.T @ values
-            if kernel.outer != 1.0:
-                readout_grad.mul_(kernel.outer)
-            if kernel.shift:
-                readout_grad += kernel.shift * grad_sum[:, None]
-            updates["readout"] = readout_grad.div_(layer.count)
-        if slope is not None and weights:
-            contracted = (mixed.T @ slope).view(width + 1, outputs, n)
-            summed = (contracted * (slope_scale * readout)).sum(1)  # (q + 1, n)
-            if "theta" in layer.steps:
+                summed = (contracted * readout).sum(1).mul_(slope_scale)
+            if "theta" in steps:
                 updates["theta"] = summed[:width].T
-            if "bias" in layer.steps:
+            if "bias" in steps:
                 updates["bias"] = summed[width]
-        if x_grad is not None and slope is not None:
+        if x_grad is not None:
+            assert slope is not None  # computed whenever input_grad
             # dL/dX[p, j] = sum_c G[p, c] sum_k D[p, k] R[c, k] theta[k, j]
-            paired = (readout[:, :, None] * theta[None, :, :]).permute(1, 0, 2)
-            paired = paired.reshape(n, outputs * width)
-            if paired.shape[1] == 1:
-                x_grad[:, 0].addmv_(slope, paired[:, 0], alpha=slope_scale)
+            alpha = slope_scale / layer.count
+            if outputs == 1 and width == 1:
+                x_grad[:, 0].addmv_(slope, readout[0] * theta[:, 0], alpha=alpha)
             else:
-                x_grad.addmm_(slope, paired, alpha=slope_scale)
+                paired = (readout[:, :, None] * theta[None, :, :]).permute(1, 0, 2)
+                x_grad.addmm_(slope, paired.reshape(n, outputs * width), alpha=alpha)
         for name, update in updates.items():
             if squares is not None:
                 key = layer.names[name]
-                squares[key] = squares.get(key, 0.0) + update.square().sum()
-            target = {"theta": layer.theta, "bias": layer.bias, "readout": layer.readout}[name]
+                squares[key] = squares.get(key, 0.0) + torch.linalg.vector_norm(update) ** 2
+            target = stepped[name]
             assert target is not None  # "bias" is stepped only when the layer has biases
             if name == "readout":
-                target[:, atoms].sub_(update, alpha=layer.steps[name])
+                target[:, atoms].sub_(update, alpha=steps[name])
             else:
-                target[atoms].sub_(update, alpha=layer.steps[name])
+                target[atoms].sub_(update, alpha=steps[name])
     if x_grad is None:
         return None
     return (x_grad.view(rows, outputs, width) * grad[:, :, None]).sum(1)
