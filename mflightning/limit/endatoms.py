@@ -283,6 +283,7 @@ def backward_step(
     size = min(chunk, layer.size)
     workspace = x.new_empty(rows * size)
     slope_space = None if homogeneous else x.new_empty(rows * size)
+    contracted_space = x.new_empty(mixed.shape[0] * size)  # reused: no page faults per chunk
     # dL/d(readout field) = (a G.T @ core + e sum_p G) / M
     readout_shift = kernel.shift * grad.sum(0)[:, None] / layer.count
     readout_weight = kernel.outer / layer.count
@@ -310,7 +311,9 @@ def backward_step(
                 updates["readout"] = readout_grad
         if contract:
             assert slope is not None  # computed whenever contract
-            contracted = (mixed @ slope).view(width + 1, outputs, n)
+            contracted = _buffer(contracted_space, mixed.shape[0], n)
+            torch.mm(mixed, slope, out=contracted)
+            contracted = contracted.view(width + 1, outputs, n)
             if homogeneous and "readout" in steps:  # sum_p G D (X . theta + b) / M
                 readout_grad = (contracted[:width] * theta.T[:, None, :]).sum(0)
                 if bias is not None:
