@@ -25,6 +25,7 @@ from mflightning.activations import ACTIVATIONS
 from mflightning.degeneracy import effective_rank, middle_displacement_variance
 from mflightning.functional import coupled_deviation, neuron_spread
 from mflightning.guards import DivergenceError
+from mflightning.limit import endatoms
 from mflightning.limit.endatoms import KERNELS
 from mflightning.losses import mean_field_loss
 from mflightning.scaling import mean_field_layers
@@ -685,10 +686,14 @@ def chunk_case_net(depth, acts, frozen, outputs, bias, seed=7) -> MeanFieldMLP:
     return net
 
 
+@pytest.mark.parametrize("kept", [True, False])
 @pytest.mark.parametrize("case", range(len(CHUNK_CASES)))
-def test_chunked_steps_match_unchunked_reference(case: int) -> None:
+def test_chunked_steps_match_unchunked_reference(case: int, kept: bool, monkeypatch) -> None:
     """Chunks of 7 atoms (ragged last chunk) and two coupled networks: losses, every field,
-    every tracer and the outputs equal the plain autograd step to 1e-12 after 6 steps."""
+    every tracer and the outputs equal the plain autograd step to 1e-12 after 6 steps; with
+    the forward values kept for the backward pass, and recomputed (``CACHE_ELEMENTS = 0``)."""
+    if not kept:
+        monkeypatch.setattr(endatoms, "CACHE_ELEMENTS", 0)
     depth, acts, frozen, outputs, bias, loss = CHUNK_CASES[case]
     net = chunk_case_net(depth, acts, frozen, outputs, bias)
     gen = torch.Generator().manual_seed(8)
@@ -747,6 +752,12 @@ def test_kernels_match_torch_activations_and_autograd(name: str) -> None:
     kernel = KERNELS[name]
     torch.testing.assert_close(kernel(u.detach()), value.detach(), rtol=0, atol=2e-15)
     torch.testing.assert_close(kernel.slope(u.detach()), slope, rtol=0, atol=2e-15)
+    if kernel.value_slope is not None:  # the slope from the core's value
+        core_value = kernel.core(kernel.inner * u.detach(), None)
+        from_value = kernel.value_slope(core_value, torch.empty_like(core_value))
+        torch.testing.assert_close(
+            from_value * kernel.inner * kernel.outer, slope, rtol=0, atol=2e-15
+        )
     if kernel.homogeneous_slope is not None:  # phi(u) = u phi'(u), phi' written over u
         homogeneous = kernel.homogeneous_slope(u.detach().clone())
         torch.testing.assert_close(homogeneous, slope, rtol=0, atol=0)

@@ -57,17 +57,29 @@ def _identity(z: Tensor, slope: Tensor | None) -> Tensor:
     return z
 
 
+def _identity_slope(value: Tensor, out: Tensor) -> Tensor:
+    return out.fill_(1.0)
+
+
+def _relu_slope(value: Tensor, out: Tensor) -> Tensor:  # 1 where relu(z) > 0, as torch's
+    return torch.gt(value, 0.0, out=out)
+
+
+def _sigmoid_slope(value: Tensor, out: Tensor) -> Tensor:  # s (1 - s)
+    return torch.addcmul(value, value, value, value=-1.0, out=out)
+
+
 def _relu(z: Tensor, slope: Tensor | None) -> Tensor:
     value = z.relu_()
-    if slope is not None:  # 1 where relu(z) > 0, as torch's threshold_backward
-        torch.sign(value, out=slope)
+    if slope is not None:
+        _relu_slope(value, slope)
     return value
 
 
 def _sigmoid(z: Tensor, slope: Tensor | None) -> Tensor:
     value = z.sigmoid_()
-    if slope is not None:  # s (1 - s)
-        torch.addcmul(value, value, value, value=-1.0, out=slope)
+    if slope is not None:
+        _sigmoid_slope(value, slope)
     return value
 
 
@@ -111,6 +123,9 @@ class Kernel:
             identity; ``c = a = 1``, ``e = 0``), writes ``phi'(u)`` over ``u``: the backward
             pass then needs only the slope, ``dL/dR`` coming from the same contraction as
             ``dL/dtheta`` (``A[p, k] = D[p, k] (X[p] . theta[k] + b[k])``).
+        value_slope: ``(core(z), out) -> core'(z)`` written into ``out``, where the core's
+            derivative is a function of its value (identity, relu, sigmoid); such layers keep
+            their forward values for the backward pass when they fit ``CACHE_ELEMENTS``.
     """
 
     core: Core
@@ -118,6 +133,7 @@ class Kernel:
     outer: float = 1.0
     shift: float = 0.0
     homogeneous_slope: Callable[[Tensor], Tensor] | None = None
+    value_slope: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def __call__(self, u: Tensor) -> Tensor:
         """``phi(u)`` (a fresh tensor; reference form, used by the tests)."""
@@ -131,10 +147,13 @@ class Kernel:
 
 
 KERNELS: dict[str, Kernel] = {
-    "identity": Kernel(_identity, homogeneous_slope=lambda u: u.fill_(1.0)),
-    "relu": Kernel(_relu, homogeneous_slope=lambda u: u.gt_(0.0)),
-    "tanh": Kernel(_sigmoid, inner=2.0, outer=2.0, shift=-1.0),  # tanh u = 2 sigmoid(2u) - 1
-    "sigmoid": Kernel(_sigmoid),
+    "identity": Kernel(
+        _identity, homogeneous_slope=lambda u: u.fill_(1.0), value_slope=_identity_slope
+    ),
+    "relu": Kernel(_relu, homogeneous_slope=lambda u: u.gt_(0.0), value_slope=_relu_slope),
+    # tanh u = 2 sigmoid(2u) - 1
+    "tanh": Kernel(_sigmoid, inner=2.0, outer=2.0, shift=-1.0, value_slope=_sigmoid_slope),
+    "sigmoid": Kernel(_sigmoid, value_slope=_sigmoid_slope),
     "gelu": Kernel(_gelu),
     "silu": Kernel(_silu),
     "softplus": Kernel(_softplus),
@@ -185,6 +204,36 @@ class EndLayer:
         return theta, bias, readout
 
 
+class Workspace:
+    """Scratch memory reused by the passes of one solver.
+
+    A fresh multi-megabyte CPU allocation is mapped page by page on its first write; reusing
+    the chunk buffers across chunks and steps avoids that cost (it tripled the time of the
+    first write to each chunk at M = 4096).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def flat(self, key: str, like: Tensor, numel: int) -> Tensor:
+        """A flat buffer of ``numel`` elements with ``like``'s dtype and device."""
+        buffer = self._buffers.get(key)
+        if (
+            buffer is None
+            or buffer.numel() < numel
+            or buffer.dtype != like.dtype
+            or buffer.device != like.device
+        ):
+            buffer = like.new_empty(numel)
+            self._buffers[key] = buffer
+        return buffer[:numel]
+
+
+# largest P x n block of core values kept from the forward pass for the backward pass (32 MB in
+# float64): small layers skip their recomputation, large ones are recomputed chunk by chunk
+CACHE_ELEMENTS = 2**22
+
+
 def _chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -213,7 +262,14 @@ def _preactivation(
     return out
 
 
-def forward_sum(layer: EndLayer, x: Tensor, kernel: Kernel, chunk: int) -> Tensor:
+def forward_sum(
+    layer: EndLayer,
+    x: Tensor,
+    kernel: Kernel,
+    chunk: int,
+    workspace: Workspace,
+    keep: str | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """``S = phi(X theta.T + b) @ R.T`` (P x C'), accumulated over chunks of ``chunk`` atoms.
 
     Args:
@@ -221,23 +277,35 @@ def forward_sum(layer: EndLayer, x: Tensor, kernel: Kernel, chunk: int) -> Tenso
         x: the shared input ``X`` (P x q).
         kernel: the activation ``phi``.
         chunk: atoms per chunk.
+        workspace: scratch memory.
+        keep: keep the core values ``core(c u)`` under this workspace key for ``backward_step``
+            when the kernel allows it (``value_slope``) and they fit ``CACHE_ELEMENTS``.
+
+    Returns:
+        ``S`` and the kept values (flat, chunk after chunk), or ``None``.
     """
     rows, outputs = x.shape[0], layer.readout.shape[0]
     scaled = kernel.inner * x if kernel.inner != 1.0 else x
     total = x.new_zeros(rows, outputs)
-    workspace = x.new_empty(rows * min(chunk, layer.size))
+    kept = None
+    if keep is not None and kernel.value_slope is not None and rows * layer.size <= CACHE_ELEMENTS:
+        kept = workspace.flat(keep, x, rows * layer.size)
+    values_space = workspace.flat("values", x, rows * min(chunk, layer.size))
     weight = kernel.outer / layer.count
     for atoms in _chunks(layer.size, chunk):
         theta, bias, readout = layer.chunk(atoms)
-        u = _preactivation(scaled, theta, bias, kernel.inner, _buffer(workspace, rows, len(theta)))
-        values = kernel.core(u, None)
+        if kept is None:
+            out = _buffer(values_space, rows, len(theta))
+        else:
+            out = kept[rows * atoms.start : rows * atoms.stop].view(rows, len(theta))
+        values = kernel.core(_preactivation(scaled, theta, bias, kernel.inner, out), None)
         if outputs == 1:  # a matrix-vector product: faster than a one-column product on CPUs
             total[:, 0].addmv_(values, readout[0], alpha=weight)
         else:
             total.addmm_(values, readout.T, alpha=weight)
     if kernel.shift:  # sum_k e R[c, k], the same for every sample
         total += kernel.shift * (layer.readout + layer.readout_offset).sum(1) / layer.count
-    return total
+    return total, kept
 
 
 def backward_step(
@@ -246,8 +314,10 @@ def backward_step(
     kernel: Kernel,
     grad: Tensor,
     chunk: int,
+    workspace: Workspace,
     input_grad: bool = False,
     squares: dict[str, Tensor] | None = None,
+    kept: Tensor | None = None,
 ) -> Tensor | None:
     """Gradients of the loss with respect to the atoms' fields, and their Euler steps.
 
@@ -260,9 +330,12 @@ def backward_step(
         kernel: the activation ``phi``.
         grad: ``G = dLoss/dS`` (P x C').
         chunk: atoms per chunk.
+        workspace: scratch memory.
         input_grad: also return ``dLoss/dX`` (P x q), with the fields before the step.
         squares: if given, ``squares[name]`` accumulates the sum of squared gradients of each
             stepped field, by its name in ``layer.names``.
+        kept: the core values kept by ``forward_sum`` for these fields (used up), or ``None``
+            to recompute them.
 
     Returns:
         ``dLoss/dX`` if ``input_grad``, else ``None``.
@@ -281,9 +354,9 @@ def backward_step(
     slope_scale = kernel.outer * kernel.inner
     x_grad = x.new_zeros(rows, outputs * width) if input_grad else None
     size = min(chunk, layer.size)
-    workspace = x.new_empty(rows * size)
-    slope_space = None if homogeneous else x.new_empty(rows * size)
-    contracted_space = x.new_empty(mixed.shape[0] * size)  # reused: no page faults per chunk
+    values_space = workspace.flat("values", x, rows * size)
+    slope_space = None if homogeneous else workspace.flat("slope", x, rows * size)
+    contracted_space = workspace.flat("contracted", x, mixed.shape[0] * size)
     # dL/d(readout field) = (a G.T @ core + e sum_p G) / M
     readout_shift = kernel.shift * grad.sum(0)[:, None] / layer.count
     readout_weight = kernel.outer / layer.count
@@ -291,16 +364,24 @@ def backward_step(
     for atoms in _chunks(layer.size, chunk):
         theta, bias, readout = layer.chunk(atoms)
         n = theta.shape[0]
-        u = _preactivation(scaled, theta, bias, kernel.inner, _buffer(workspace, rows, n))
         updates: dict[str, Tensor] = {}
-        if kernel.homogeneous_slope is not None:
-            slope: Tensor | None = kernel.homogeneous_slope(u)
+        if kept is not None:  # core values from the forward pass
+            values = kept[rows * atoms.start : rows * atoms.stop].view(rows, n)
+        else:
+            u = _buffer(values_space, rows, n)
+            u = _preactivation(scaled, theta, bias, kernel.inner, u)
+        if kernel.homogeneous_slope is not None:  # written over u, or over relu(u) > 0 <=> u > 0
+            slope: Tensor | None = kernel.homogeneous_slope(u if kept is None else values)
         else:
             slope = None
             if contract or input_grad:
                 assert slope_space is not None  # allocated for every non-homogeneous kernel
                 slope = _buffer(slope_space, rows, n)
-            values = kernel.core(u, slope)
+            if kept is None:
+                values = kernel.core(u, slope)
+            elif slope is not None:
+                assert kernel.value_slope is not None  # values are kept only with one
+                kernel.value_slope(values, slope)
             if "readout" in steps:
                 if outputs == 1:
                     readout_grad = torch.addmv(

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from mflightning.activations import get_activation
 from mflightning.guards import DivergenceError, divergence_message
-from mflightning.limit.endatoms import KERNELS, EndLayer, backward_step, forward_sum
+from mflightning.limit.endatoms import KERNELS, EndLayer, Workspace, backward_step, forward_sum
 from mflightning.limit.ideal import IdealCoupling, ghost, tracer_fields
 from mflightning.limit.solver import EulerSolver, check_solver_args
 from mflightning.losses import LossName, mean_field_loss
@@ -193,6 +193,7 @@ class ReducedLimitSolver(EulerSolver):
         self._kernels = (KERNELS[names[0]], KERNELS[names[-2]])  # phi_1 and phi_{L-1}
         self.in_features = layers[0].weight.shape[1]
         self._atoms = (layers[0].weight.shape[0], layers[-1].weight.shape[1])  # M_1, M_L
+        self._workspace = Workspace()
         self._input_scale = layers[0].forward_scale
         self._means = {i: _law_mean(layers[i - 1]) for i in range(2, self.depth)}
         self._fields: dict[str, Tensor] = {}
@@ -288,24 +289,30 @@ class ReducedLimitSolver(EulerSolver):
         return self._activations[self.depth - 1](out + bias)
 
     def _chunked_forward(
-        self, x: Tensor, scalars: dict[str, Tensor]
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``(H_L - b_L, h2, feature)`` for L = 2 or L >= 4, the end atoms in chunks.
+        self, x: Tensor, scalars: dict[str, Tensor], keep: bool = False
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, tuple[Tensor | None, Tensor | None]]:
+        """``(H_L - b_L, h2, feature, kept)`` for L = 2 or L >= 4, the end atoms in chunks.
 
         For L >= 4, ``h2 = H_2* - b_2`` is returned as a leaf that requires grad and ``feature``
         (P,) is computed from it and ``scalars`` (autograd-tracked when grad mode is on); both
-        are ``None`` for L = 2.
+        are ``None`` for L = 2. ``kept``: the first and last layers' core values kept for the
+        backward pass (``keep``; see ``endatoms.forward_sum``), or ``None``.
         """
-        chunk, kernels = self._chunk_atoms(x.shape[0]), self._kernels
+        chunk, kernels, space = self._chunk_atoms(x.shape[0]), self._kernels, self._workspace
         inputs = self._input_scale * x
-        first = forward_sum(self._end_layer(self._fields, True), inputs, kernels[0], chunk)
+        first_layer = self._end_layer(self._fields, True)
+        first, kept = forward_sum(
+            first_layer, inputs, kernels[0], chunk, space, "first" if keep else None
+        )
         if self.depth == 2:
-            return first, None, None
+            return first, None, None, (kept, None)
         h2 = first[:, 0].requires_grad_()
         feature = self._middle(h2, scalars)
         last = self._end_layer(self._fields, False)
-        out = forward_sum(last, feature.detach()[:, None], kernels[1], chunk)
-        return out, h2, feature
+        out, kept_last = forward_sum(
+            last, feature.detach()[:, None], kernels[1], chunk, space, "last" if keep else None
+        )
+        return out, h2, feature, (kept, kept_last)
 
     def _chunked_step(self, x: Tensor, y: Tensor) -> float:
         """One Euler step for L = 2 or L >= 4 (see ``endatoms``); returns the loss before it.
@@ -321,7 +328,7 @@ class ReducedLimitSolver(EulerSolver):
         scalars = {
             name: f[name].detach().requires_grad_(name in trainable) for name in self._scalars
         }
-        out, h2, feature = self._chunked_forward(x, scalars)
+        out, h2, feature, (kept_first, kept_last) = self._chunked_forward(x, scalars, keep=True)
         out.requires_grad_()
         bias_name = f"b{depth}"
         bias = f[bias_name].detach().requires_grad_() if bias_name in trainable else None
@@ -329,7 +336,7 @@ class ReducedLimitSolver(EulerSolver):
         loss = mean_field_loss(self.loss, self._readout(out, offset), y)
         self._check_loss(loss)
         grads = torch.autograd.grad(loss, [out] if bias is None else [out, bias])
-        out_grad, chunk = grads[0], self._chunk_atoms(x.shape[0])
+        out_grad, chunk, space = grads[0], self._chunk_atoms(x.shape[0]), self._workspace
         squares: dict[str, Tensor] = {}
         inputs = self._input_scale * x
         first_layers = [self._end_layer(t, True) for t, _ in self._tracers]
@@ -340,10 +347,19 @@ class ReducedLimitSolver(EulerSolver):
             upstream = [name for name in ("w1", "b1", "g2", *self._scalars) if name in trainable]
             features = feature.detach()[:, None]
             feature_grad = backward_step(
-                last, features, kernels[1], out_grad, chunk, bool(upstream), squares
+                last,
+                features,
+                kernels[1],
+                out_grad,
+                chunk,
+                space,
+                bool(upstream),
+                squares,
+                kept_last,
             )
             for tracer, _ in self._tracers:
-                backward_step(self._end_layer(tracer, False), features, kernels[1], out_grad, chunk)
+                tracer_last = self._end_layer(tracer, False)
+                backward_step(tracer_last, features, kernels[1], out_grad, chunk, space)
             first_grad = None
             if feature_grad is not None:
                 moving = [name for name in self._scalars if name in trainable]
@@ -353,11 +369,12 @@ class ReducedLimitSolver(EulerSolver):
                 first_grad = inner[0][:, None]
                 self._step_fields(dict(zip(moving, inner[1:], strict=True)), squares)
         if first_grad is not None:
+            first = self._end_layer(f, True)
             backward_step(
-                self._end_layer(f, True), inputs, kernels[0], first_grad, chunk, False, squares
+                first, inputs, kernels[0], first_grad, chunk, space, False, squares, kept_first
             )
             for layer in first_layers:
-                backward_step(layer, inputs, kernels[0], first_grad, chunk)
+                backward_step(layer, inputs, kernels[0], first_grad, chunk, space)
         if bias is not None:
             self._step_fields({bias_name: grads[1]}, squares)
         with torch.no_grad():
@@ -484,7 +501,7 @@ class ReducedLimitSolver(EulerSolver):
         x = x.to(device=self.device, dtype=self.dtype)
         if self.depth == 3:
             return self._table_forward(x, self._fields)
-        out, _, _ = self._chunked_forward(x, self._fields)
+        out, _, _, _ = self._chunked_forward(x, self._fields)
         return self._readout(out, self._fields.get(f"b{self.depth}", 0.0))
 
     def couple(
