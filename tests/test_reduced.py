@@ -813,3 +813,22 @@ def test_float32_solver_follows_float64() -> None:
     assert out32.dtype == torch.float32
     gap = ((out32.double() - out64).norm() / out64.norm()).item()
     assert 1e-9 < gap < 1e-5
+
+
+@pytest.mark.parametrize("depth", [2, 3, 5])
+def test_update_sizes_are_the_rms_displacements(depth: int) -> None:
+    """The sizes a divergence message reports are RMS(f(t+h) - f(t)) of the last step."""
+    net = biased_net(depth, [16, 12, 10, 14][: depth - 1])
+    solver = ReducedLimitSolver(net, LR, chunk_size=5)
+    data = reduced_data(40)
+    solver.step(*data)
+    before = {name: value.clone() for name, value in solver.fields.items()}
+    solver.step(*data)
+    sizes = solver._update_sizes()
+    assert sizes.keys() == before.keys()
+    for name, size in sizes.items():
+        moved = (solver.fields[name] - before[name]).pow(2).mean().sqrt().item()
+        assert size == pytest.approx(moved, rel=1e-9), name
+    diverging = ReducedLimitSolver(net, 1e6, chunk_size=5)
+    with pytest.raises(DivergenceError, match=r"largest last update: \w+ \(lr \* RMS grad = "):
+        diverging.run(data, 50, progress=False)

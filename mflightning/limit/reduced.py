@@ -205,7 +205,7 @@ class ReducedLimitSolver(EulerSolver):
                 self._multipliers[name] = multiplier
         if not self._multipliers:
             raise ValueError("`network` has no trainable layer: every layer is frozen.")
-        self._update_sizes: dict[str, Tensor] = {}  # lr * multiplier * RMS grad, last step
+        self._squares: dict[str, Tensor] = {}  # sum of squared gradients, last step
         self._steps = 0
         self._network = network  # the architecture of coupled networks (with_widths)
         # the degenerate layers' scalars (L >= 4): w_i# and b_i* for 2 <= i <= L-2
@@ -377,10 +377,7 @@ class ReducedLimitSolver(EulerSolver):
                 backward_step(layer, inputs, kernels[0], first_grad, chunk, space)
         if bias is not None:
             self._step_fields({bias_name: grads[1]}, squares)
-        with torch.no_grad():
-            for name, total in squares.items():
-                size = (total / f[name].numel()).sqrt().double()
-                self._update_sizes[name] = self.lr * self._multipliers[name] * size
+        self._squares = squares
         self._steps += 1
         return loss.item()
 
@@ -391,12 +388,21 @@ class ReducedLimitSolver(EulerSolver):
                 squares[name] = grad.square().sum()
                 self._fields[name].sub_(grad, alpha=self.lr * self._multipliers[name])
 
+    def _update_sizes(self) -> dict[str, float]:
+        """``lr * multiplier * RMS(dLoss/df)`` of each field's last update (for messages)."""
+        return {
+            name: self.lr
+            * self._multipliers[name]
+            * (total.item() / self._fields[name].numel()) ** 0.5
+            for name, total in self._squares.items()
+        }
+
     def _check_loss(self, loss: Tensor) -> None:
         """Raise ``DivergenceError`` (before any update) unless the loss is finite."""
         if not torch.isfinite(loss):
             what = f"the loss is {loss.item()}"
             message = divergence_message(
-                "reduced limit solver", what, self._steps, self.time, self._update_sizes
+                "reduced limit solver", what, self._steps, self.time, self._update_sizes()
             )
             raise DivergenceError(message)
 
@@ -455,10 +461,8 @@ class ReducedLimitSolver(EulerSolver):
         )
         squares: dict[str, Tensor] = {}
         self._step_fields(dict(zip(names, grads, strict=False)), squares)
+        self._squares = squares
         with torch.no_grad():
-            for name, total in squares.items():
-                size = (total / self._fields[name].numel()).sqrt().double()
-                self._update_sizes[name] = self.lr * trainable[name] * size
             for (field, _, multiplier), grad in zip(moving, grads[len(names) :], strict=True):
                 field.sub_(grad, alpha=self.lr * multiplier)
         self._steps += 1
