@@ -26,6 +26,7 @@ from mflightning.degeneracy import effective_rank, middle_displacement_variance
 from mflightning.functional import coupled_deviation, neuron_spread
 from mflightning.guards import DivergenceError
 from mflightning.limit import endatoms
+from mflightning.limit.cost import ReducedCost, default_atoms, step_seconds
 from mflightning.limit.endatoms import KERNELS
 from mflightning.losses import mean_field_loss
 from mflightning.scaling import mean_field_layers
@@ -832,3 +833,61 @@ def test_update_sizes_are_the_rms_displacements(depth: int) -> None:
     diverging = ReducedLimitSolver(net, 1e6, chunk_size=5)
     with pytest.raises(DivergenceError, match=r"largest last update: \w+ \(lr \* RMS grad = "):
         diverging.run(data, 50, progress=False)
+
+
+# --- the cost model of the reduced step ------------------------------------------------------
+
+
+def test_step_seconds_is_the_documented_formula() -> None:
+    """Hand-computed from the module docstring's formula with round coefficients."""
+    cost = ReducedCost(
+        fixed=1.0,
+        layer=0.5,
+        coupled=2.0,
+        first=3.0,
+        feature=1.0,
+        last=10.0,
+        table=0.25,
+        tracer=0.5,
+        speedup=2.0,
+    )
+    # L = 5, M = 4, d = 2, P = 3, one network [6, 1, 1, 8]: 1 + 0.5 * 3 + 2 +
+    # 3 * (4 * (3 + 2) + 4 * 10 + 0.5 * (6 * 5 + 8 * 10)) / 2
+    assert step_seconds(4, 2, 3, 5, [[6, 1, 1, 8]], cost) == pytest.approx(4.5 + 3 * (60 + 55) / 2)
+    assert step_seconds(4, 2, 3, 2, [], cost) == pytest.approx(1.0 + 3 * 4 * 5 / 2)
+    # L = 3: the table M^2 plus the end atoms; tracers (6 + 8) M table entries
+    assert step_seconds(4, 2, 3, 3, [[6, 8]], cost) == pytest.approx(
+        1.5 + 2.0 + 3 * (16 * 0.25 + 4 * 5 + 4 * 10 + 0.5 * (6 * 5 + 8 * 10 + 14 * 4 * 0.25)) / 2
+    )
+
+
+def test_default_atoms_fills_the_budget() -> None:
+    nets = [[w] * 4 for w in (50, 100, 200, 400) for _ in range(4)]
+    m = default_atoms(5, 100, 5, 300, nets)
+    assert m % 64 == 0 and m >= 16 * 400
+    assert (
+        300 * step_seconds(m, 5, 100, 5, nets) <= 60.0 < 300 * step_seconds(m + 64, 5, 100, 5, nets)
+    )
+    assert default_atoms(5, 100, 5, 600, nets) < m < default_atoms(5, 100, 5, 300)
+    assert default_atoms(5, 100, 5, 300, nets, budget_s=120.0) > m
+    assert default_atoms(5, 100, 5, 10**6, nets) == 16 * 400  # the floor
+    assert default_atoms(5, 100, 5, 10**6) == 16
+    assert default_atoms(5, 100, 3, 300, [[64, 64]]) >= 1024  # L = 3: O(M^2) table
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        (dict(steps=0), "`steps`"),
+        (dict(batch=-1), "`batch`"),
+        (dict(depth=1), "`depth`"),
+        (dict(budget_s=0.0), "`budget_s`"),
+        (dict(coupled=[[8, 8]]), "`coupled`"),
+        (dict(coupled=[[8, 0, 8, 8]]), "`coupled widths`"),
+        (dict(in_features=2.5), "`in_features`"),
+    ],
+)
+def test_default_atoms_refuses_bad_arguments(kwargs: dict, argument: str) -> None:
+    args = dict(in_features=5, batch=100, depth=5, steps=100) | kwargs
+    with pytest.raises(ValueError, match=argument):
+        default_atoms(**args)
