@@ -687,14 +687,27 @@ def chunk_case_net(depth, acts, frozen, outputs, bias, seed=7) -> MeanFieldMLP:
     return net
 
 
-@pytest.mark.parametrize("kept", [True, False])
+@pytest.fixture
+def threads():
+    """Set torch's thread count for a test; restored afterwards."""
+    previous = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize(("kept", "workers"), [(True, 1), (False, 1), (True, 3), (False, 3)])
 @pytest.mark.parametrize("case", range(len(CHUNK_CASES)))
-def test_chunked_steps_match_unchunked_reference(case: int, kept: bool, monkeypatch) -> None:
+def test_chunked_steps_match_unchunked_reference(
+    case: int, kept: bool, workers: int, monkeypatch, threads
+) -> None:
     """Chunks of 7 atoms (ragged last chunk) and two coupled networks: losses, every field,
     every tracer and the outputs equal the plain autograd step to 1e-12 after 6 steps; with
-    the forward values kept for the backward pass, and recomputed (``CACHE_ELEMENTS = 0``)."""
+    the forward values kept for the backward pass, and recomputed (``CACHE_ELEMENTS = 0``);
+    by the calling thread, and split over 3 worker threads (``MIN_PART = 1``)."""
     if not kept:
         monkeypatch.setattr(endatoms, "CACHE_ELEMENTS", 0)
+    monkeypatch.setattr(endatoms, "MIN_PART", 1)
+    threads(workers)
     depth, acts, frozen, outputs, bias, loss = CHUNK_CASES[case]
     net = chunk_case_net(depth, acts, frozen, outputs, bias)
     gen = torch.Generator().manual_seed(8)
@@ -715,6 +728,8 @@ def test_chunked_steps_match_unchunked_reference(case: int, kept: bool, monkeypa
     expected = [reference.step(x, y, loss) for _ in range(6)]
     np.testing.assert_allclose(losses, expected, rtol=0, atol=1e-12)
     assert losses[-1] < losses[0]
+    assert len(solver._workspace._workers) == (3 if workers == 3 else 0)  # the split ran
+    assert torch.get_num_threads() == workers  # the workers' set-up left it as it was
     for name, value in solver.fields.items():
         torch.testing.assert_close(value, reference.fields[name], rtol=0, atol=1e-12)
         assert torch.equal(value, start[name]) != reference.trainable(name), name  # moved
