@@ -728,7 +728,8 @@ def test_chunked_steps_match_unchunked_reference(
     expected = [reference.step(x, y, loss) for _ in range(6)]
     np.testing.assert_allclose(losses, expected, rtol=0, atol=1e-12)
     assert losses[-1] < losses[0]
-    assert len(solver._workspace._workers) == (3 if workers == 3 else 0)  # the split ran
+    split = workers == 3 and depth != 3  # L = 3 keeps the unchunked table pass
+    assert len(solver._workspace._workers) == (3 if split else 0)  # the split ran
     assert torch.get_num_threads() == workers  # the workers' set-up left it as it was
     for name, value in solver.fields.items():
         torch.testing.assert_close(value, reference.fields[name], rtol=0, atol=1e-12)
