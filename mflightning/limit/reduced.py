@@ -476,7 +476,8 @@ class ReducedLimitSolver(EulerSolver):
         """
         if self.depth == 3:
             return self._table_step(x, y)
-        return self._chunked_step(x, y)
+        with self._workspace.split_threads(self.device):
+            return self._chunked_step(x, y)
 
     def _prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Check the feature count of ``x``, then validate and move the batch."""
@@ -505,7 +506,8 @@ class ReducedLimitSolver(EulerSolver):
         x = x.to(device=self.device, dtype=self.dtype)
         if self.depth == 3:
             return self._table_forward(x, self._fields)
-        out, _, _, _ = self._chunked_forward(x, self._fields)
+        with self._workspace.split_threads(self.device):
+            out, _, _, _ = self._chunked_forward(x, self._fields)
         return self._readout(out, self._fields.get(f"b{self.depth}", 0.0))
 
     def couple(
