@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -244,6 +245,7 @@ class Workspace:
         self._buffers: dict[str, Tensor] = {}
         self._workers: list[Workspace] = []
         self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0  # the process that started the pool (a forked child starts its own)
         self._threads = 1  # torch's thread count when split_threads was entered
 
     @contextlib.contextmanager
@@ -286,7 +288,7 @@ class Workspace:
         """``[work(i, buffers_i) for i < count]``, on ``count`` worker threads if ``count > 1``."""
         if count == 1:
             return [work(0, self)]
-        if self._pool is None or len(self._workers) != count:
+        if self._pool is None or len(self._workers) != count or self._pid != os.getpid():
             self._start(count)
         assert self._pool is not None  # started above
         futures = [self._pool.submit(work, i, self._workers[i]) for i in range(count)]
@@ -294,7 +296,7 @@ class Workspace:
 
     def _start(self, count: int) -> None:
         """Start ``count`` worker threads whose torch ops run on one thread each."""
-        if self._pool is not None:
+        if self._pool is not None and self._pid == os.getpid():
             self._pool.shutdown()
         previous = torch.get_num_threads()
         started = threading.Barrier(count + 1)
@@ -309,6 +311,7 @@ class Workspace:
         started.wait()
         torch.set_num_threads(previous)  # restore the default the workers changed
         self._pool, self._workers = pool, [Workspace() for _ in range(count)]
+        self._pid = os.getpid()
 
 
 # atoms per worker below which a layer is passed by the calling thread alone
