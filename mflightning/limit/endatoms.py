@@ -227,16 +227,11 @@ class EndLayer:
             self.names,
         )
 
-    def chunk(self, atoms: slice) -> tuple[Tensor, Tensor | None, Tensor]:
-        """``(theta, b, M R)`` of a chunk of atoms, offsets added (``R`` not divided by ``M``)."""
-        theta = self.theta[atoms]
-        if self.theta_offset:
-            theta = theta + self.theta_offset
-        bias = None if self.bias is None else self.bias[atoms]
-        readout = self.readout[:, atoms]
-        if self.readout_offset:
-            readout = readout + self.readout_offset
-        return theta, bias, readout
+    def values(self) -> tuple[Tensor, Tensor]:
+        """``(theta + theta_offset, readout + readout_offset)`` (``M R``), fresh when offset."""
+        theta = self.theta + self.theta_offset if self.theta_offset else self.theta
+        readout = self.readout + self.readout_offset if self.readout_offset else self.readout
+        return theta, readout
 
 
 class Workspace:
@@ -344,12 +339,8 @@ def _buffer(storage: Tensor, rows: int, columns: int) -> Tensor:
     return storage[: rows * columns].view(rows, columns)
 
 
-def _preactivation(
-    x: Tensor, theta: Tensor, bias: Tensor | None, inner: float, out: Tensor
-) -> Tensor:
-    """``inner * u`` for ``u = X theta.T + b`` into ``out`` (``x`` already scaled by inner)."""
-    if inner != 1.0 and bias is not None:
-        bias = inner * bias
+def _preactivation(x: Tensor, theta: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """``X theta.T + b`` into ``out`` (the kernel's inner scale already in ``x`` and ``b``)."""
     if theta.shape[1] == 1:  # rank one: the last hidden layer
         if bias is None:
             torch.outer(x[:, 0], theta[:, 0], out=out)
@@ -373,22 +364,27 @@ def _forward_part(
     """``forward_sum`` on one part of a layer, by the calling thread (``kept``: its slice)."""
     rows, outputs = x.shape[0], layer.readout.shape[0]
     scaled = kernel.inner * x if kernel.inner != 1.0 else x
+    theta_all, readout_all = layer.values()
+    weights = readout_all * (kernel.outer / layer.count)
+    bias_all = (
+        layer.bias if layer.bias is None or kernel.inner == 1.0 else kernel.inner * layer.bias
+    )
     total = x.new_zeros(rows, outputs)
     values_space = workspace.flat("values", x, rows * min(chunk, layer.size))
-    weight = kernel.outer / layer.count
     for atoms in _chunks(layer.size, chunk):
-        theta, bias, readout = layer.chunk(atoms)
+        n = atoms.stop - atoms.start
         if kept is None:
-            out = _buffer(values_space, rows, len(theta))
+            out = _buffer(values_space, rows, n)
         else:
-            out = kept[rows * atoms.start : rows * atoms.stop].view(rows, len(theta))
-        values = kernel.core(_preactivation(scaled, theta, bias, kernel.inner, out), None)
+            out = kept[rows * atoms.start : rows * atoms.stop].view(rows, n)
+        bias = None if bias_all is None else bias_all[atoms]
+        values = kernel.core(_preactivation(scaled, theta_all[atoms], bias, out), None)
         if outputs == 1:  # a matrix-vector product: faster than a one-column product on CPUs
-            total[:, 0].addmv_(values, readout[0], alpha=weight)
+            total[:, 0].addmv_(values, weights[0, atoms])
         else:
-            total.addmm_(values, readout.T, alpha=weight)
+            total.addmm_(values, weights[:, atoms].T)
     if kernel.shift:  # sum_k e R[c, k], the same for every sample
-        total += kernel.shift * (layer.readout + layer.readout_offset).sum(1) / layer.count
+        total += kernel.shift * readout_all.sum(1) / layer.count
     return total
 
 
@@ -456,13 +452,22 @@ def _backward_part(
     homogeneous = kernel.homogeneous_slope is not None
     steps = layer.steps
     contract = bool({"theta", "bias"} & set(steps)) or (homogeneous and "readout" in steps)
+    slope_scale = kernel.outer * kernel.inner
+    theta_all, readout_all = layer.values()
+    bias_all = (
+        layer.bias if layer.bias is None or kernel.inner == 1.0 else kernel.inner * layer.bias
+    )
     # Q[p, (j, c)] = [X, 1][p, j] G[p, c] / M: Q.T @ D gives dL/dtheta and dL/db (and dL/dR if
-    # homogeneous) in one product; the factors 1/M, a and c are folded in here
+    # homogeneous) in one product; 1/M is folded in here, a c into the readout weights
     augmented = torch.cat([x, x.new_ones(rows, 1)], dim=1) / layer.count
     mixed = (augmented[:, :, None] * grad[:, None, :]).reshape(rows, (width + 1) * outputs)
     mixed = mixed.T.contiguous()
-    slope_scale = kernel.outer * kernel.inner
-    x_grad = x.new_zeros(rows, outputs * width) if input_grad else None
+    weights = readout_all * slope_scale  # (C', n)
+    x_grad = paired = None
+    if input_grad:  # dL/dX[p, j] = sum_c G[p, c] sum_k D[p, k] (a c R[c, k] / M) theta[k, j]
+        x_grad = x.new_zeros(rows, outputs * width)
+        paired = (weights[:, :, None] * theta_all[None, :, :] / layer.count).permute(1, 0, 2)
+        paired = paired.reshape(layer.size, outputs * width)
     size = min(chunk, layer.size)
     values_space = workspace.flat("values", x, rows * size)
     slope_space = None if homogeneous else workspace.flat("slope", x, rows * size)
@@ -470,17 +475,16 @@ def _backward_part(
     # dL/d(readout field) = (a G.T @ core + e sum_p G) / M
     readout_shift = kernel.shift * grad.sum(0)[:, None] / layer.count
     readout_weight = kernel.outer / layer.count
-    stepped = {"theta": layer.theta, "bias": layer.bias, "readout": layer.readout}
-    squares: dict[str, Tensor] = {}
+    sums = {role: x.new_zeros(()) for role in steps}  # sums of squared gradients
     for atoms in _chunks(layer.size, chunk):
-        theta, bias, readout = layer.chunk(atoms)
-        n = theta.shape[0]
-        updates: dict[str, Tensor] = {}
+        n = atoms.stop - atoms.start
+        theta = theta_all[atoms]
+        bias = None if bias_all is None else bias_all[atoms]
+        readout_grad: Tensor | None = None
         if kept is not None:  # core values from the forward pass
             values = kept[rows * atoms.start : rows * atoms.stop].view(rows, n)
         else:
-            u = _buffer(values_space, rows, n)
-            u = _preactivation(scaled, theta, bias, kernel.inner, u)
+            u = _preactivation(scaled, theta, bias, _buffer(values_space, rows, n))
         if kernel.homogeneous_slope is not None:  # written over u, or over relu(u) > 0 <=> u > 0
             slope: Tensor | None = kernel.homogeneous_slope(u if kept is None else values)
         else:
@@ -500,43 +504,36 @@ def _backward_part(
                     )[None, :]
                 else:
                     readout_grad = torch.addmm(readout_shift, grad.T, values, alpha=readout_weight)
-                updates["readout"] = readout_grad
         if contract:
             assert slope is not None  # computed whenever contract
             contracted = _buffer(contracted_space, mixed.shape[0], n)
             torch.mm(mixed, slope, out=contracted)
             contracted = contracted.view(width + 1, outputs, n)
-            if homogeneous and "readout" in steps:  # sum_p G D (X . theta + b) / M
+            if homogeneous and "readout" in steps:  # sum_p G D (X . theta + b) / M (c = 1)
                 readout_grad = (contracted[:width] * theta.T[:, None, :]).sum(0)
                 if bias is not None:
                     readout_grad.addcmul_(contracted[width], bias)
-                updates["readout"] = readout_grad
             if outputs == 1:
-                summed = contracted[:, 0].mul(readout[0]).mul_(slope_scale)  # (q + 1, n)
+                summed = contracted[:, 0].mul(weights[0, atoms])  # (q + 1, n)
             else:
-                summed = (contracted * readout).sum(1).mul_(slope_scale)
+                summed = (contracted * weights[:, atoms]).sum(1)
             if "theta" in steps:
-                updates["theta"] = summed[:width].T
+                sums["theta"] += torch.linalg.vecdot(summed[:width], summed[:width]).sum()
+                layer.theta[atoms].sub_(summed[:width].T, alpha=steps["theta"])
             if "bias" in steps:
-                updates["bias"] = summed[width]
+                assert layer.bias is not None  # "bias" is stepped only when there are biases
+                sums["bias"] += torch.dot(summed[width], summed[width])
+                layer.bias[atoms].sub_(summed[width], alpha=steps["bias"])
         if x_grad is not None:
-            assert slope is not None  # computed whenever input_grad
-            # dL/dX[p, j] = sum_c G[p, c] sum_k D[p, k] R[c, k] theta[k, j]
-            alpha = slope_scale / layer.count
-            if outputs == 1 and width == 1:
-                x_grad[:, 0].addmv_(slope, readout[0] * theta[:, 0], alpha=alpha)
+            assert slope is not None and paired is not None  # computed whenever input_grad
+            if paired.shape[1] == 1:
+                x_grad[:, 0].addmv_(slope, paired[atoms, 0])
             else:
-                paired = (readout[:, :, None] * theta[None, :, :]).permute(1, 0, 2)
-                x_grad.addmm_(slope, paired.reshape(n, outputs * width), alpha=alpha)
-        for name, update in updates.items():
-            key = layer.names[name]
-            squares[key] = squares.get(key, 0.0) + torch.linalg.vector_norm(update) ** 2
-            target = stepped[name]
-            assert target is not None  # "bias" is stepped only when the layer has biases
-            if name == "readout":
-                target[:, atoms].sub_(update, alpha=steps[name])
-            else:
-                target[atoms].sub_(update, alpha=steps[name])
+                x_grad.addmm_(slope, paired[atoms])
+        if readout_grad is not None:
+            sums["readout"] += torch.linalg.vecdot(readout_grad, readout_grad).sum()
+            layer.readout[:, atoms].sub_(readout_grad, alpha=steps["readout"])
+    squares = {layer.names[role]: total for role, total in sums.items()}
     if x_grad is None:
         return None, squares
     return (x_grad.view(rows, outputs, width) * grad[:, :, None]).sum(1), squares
