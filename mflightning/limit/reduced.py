@@ -61,9 +61,10 @@ from mflightning.mlp import MeanFieldMLP
 from mflightning.nn import MeanFieldLinear
 
 _USE_PARTICLES = "use mflightning.ParticleLimitSolver (brute force) for this network"
-# end atoms per chunk times the batch size: a 100 x 10486 float64 chunk is 8 MB (measured fastest
-# of 2^18 .. 2^22 on the 2-core CPU of docs/benchmarks.md, reduced section)
-CHUNK_ELEMENTS = 2**20
+# end atoms per chunk times the batch size: a 100 x 2621 float64 chunk is 2 MB, two or three per
+# worker thread; fastest of 2^17 .. 2^21 with two workers at M = 10^6 on the 2-core container
+# (docs/benchmarks.md, reduced section): larger chunks leave the caches, smaller ones add overhead
+CHUNK_ELEMENTS = 2**18
 
 
 def _law_mean(layer: MeanFieldLinear) -> float:
@@ -149,7 +150,7 @@ class ReducedLimitSolver(EulerSolver):
         dtype: floating dtype of the state (float64 by default, §E.2).
         device: device of the state (default: that of ``network``).
         chunk_size: end atoms per chunk of the forward and backward passes (L = 2 and L >= 4);
-            ``None``: ``CHUNK_ELEMENTS // batch`` (8 MB float64 blocks). Results do not depend
+            ``None``: ``CHUNK_ELEMENTS // batch`` (2 MB float64 blocks). Results do not depend
             on it beyond rounding.
 
     Raises:
