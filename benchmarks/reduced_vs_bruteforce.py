@@ -7,7 +7,8 @@ Data and laws of docs/theory.md §D.3 T-REDUCED (P = 100, d = 5, float64, tau_i 
 "half_mse"), L = 4 and 5. One row per (L, M):
 
 * ``brute ms`` / ``reduced ms``: median ms per step, timed with interleaved repeats
-  (``best ms``: the fastest reduced sample), and the speed-up S_M / R_M; the brute force is left
+  (``best ms``: the fastest reduced sample), their ratio R_M / S_M and the speed-up S_M / R_M
+  (median over median); the brute force is left
   out ("-") where its O(M^2) middle layers are too slow (CPU, M > 4096) or too big (GPU,
   M > 16384);
 * ``peak MB``: the memory that building the network and the reduced solver and taking one step
@@ -161,6 +162,7 @@ def run(settings: Settings) -> Table:
             "brute ms",
             "reduced ms",
             "best ms",
+            "ratio",
             "speed-up",
             "peak MB",
             "state MB",
@@ -194,6 +196,7 @@ def run(settings: Settings) -> Table:
             table.add(
                 **{"L": depth, "M": m, "brute ms": brute, "reduced ms": times["reduced"]},
                 **{"best ms": min(times.samples["reduced"]), "peak MB": peak},
+                **{"ratio": None if brute is None else times["reduced"] / brute},
                 **{"speed-up": None if brute is None else brute / times["reduced"]},
                 **{"state MB": state, "model ms": model_ms(depth, m, settings)},
                 **{"f32 ms": times["f32"], "f32 err": f32_err, "particle err": particle_err},
