@@ -19,9 +19,9 @@ biases, layers too large to keep their forward values):
 
 * ``first + 5 feature``: 2.9 ns (L = 2, M = 65 536, P = 100, d = 5); ``feature``: 0.31 ns
   (d = 1, 20, 50 at M = 65 536); ``last``: 6.7-7.8 ns (L = 5 minus L = 2, M = 2^16 .. 2^18);
-* ``fixed``: 0.5 ms (L = 2) to 1.0 ms (L = 5), ``layer``: 0.05 ms (L = 8); ``coupled``: 0.33 ms
-  per coupled network (8 and 32 networks of width 64 at M = 4096); ``table``: 0.3 ns (L = 3,
-  M = 256 .. 2048);
+* ``fixed``: 0.5 ms (L = 2) to 1.0 ms (L = 5), ``layer``: 0.05 ms (L = 8); ``coupled``: 0.1 ms
+  per coupled network (8 networks of width 64 at M = 64; all coupled networks take one pass);
+  ``table``: 0.3 ns (L = 3, M = 256 .. 2048);
 * two threads divide the per-atom terms by ``speedup`` = 1.8 (M = 10^6, L = 5, quiet machine).
 
 Other activations change ``first`` and ``last`` (a tanh layer evaluates two sigmoids per atom and
@@ -56,7 +56,7 @@ class ReducedCost:
 
     fixed: float = 1.0e-3
     layer: float = 5.0e-5
-    coupled: float = 3.3e-4
+    coupled: float = 1.0e-4
     first: float = 1.36e-9
     feature: float = 0.31e-9
     last: float = 7.3e-9

@@ -212,6 +212,9 @@ class ReducedLimitSolver(EulerSolver):
         # the degenerate layers' scalars (L >= 4): w_i# and b_i* for 2 <= i <= L-2
         self._scalars = [name for name in self._fields if _is_scalar(name, self.depth)]
         self._tracers: list[tuple[dict[str, Tensor], list[str]]] = []  # (fields, trainable names)
+        # L = 2 and L >= 4: every tracer set's fields are views into one tensor per name, so
+        # that all coupled networks take their steps in one pass (see couple)
+        self._merged: dict[str, Tensor] = {}
 
     def _initial_fields(
         self, layers: Sequence[MeanFieldLinear]
@@ -340,7 +343,7 @@ class ReducedLimitSolver(EulerSolver):
         out_grad, chunk, space = grads[0], self._chunk_atoms(x.shape[0]), self._workspace
         squares: dict[str, Tensor] = {}
         inputs = self._input_scale * x
-        first_layers = [self._end_layer(t, True) for t, _ in self._tracers]
+        tracers = self._merged  # every coupled network's neurons at once
         first_grad: Tensor | None = out_grad
         if depth >= 4:
             assert h2 is not None and feature is not None  # L >= 4
@@ -358,8 +361,8 @@ class ReducedLimitSolver(EulerSolver):
                 squares,
                 kept_last,
             )
-            for tracer, _ in self._tracers:
-                tracer_last = self._end_layer(tracer, False)
+            if tracers:
+                tracer_last = self._end_layer(tracers, False)
                 backward_step(tracer_last, features, kernels[1], out_grad, chunk, space)
             first_grad = None
             if feature_grad is not None:
@@ -374,8 +377,9 @@ class ReducedLimitSolver(EulerSolver):
             backward_step(
                 first, inputs, kernels[0], first_grad, chunk, space, False, squares, kept_first
             )
-            for layer in first_layers:
-                backward_step(layer, inputs, kernels[0], first_grad, chunk, space)
+            if tracers:
+                tracer_first = self._end_layer(tracers, True)
+                backward_step(tracer_first, inputs, kernels[0], first_grad, chunk, space)
         if bias is not None:
             self._step_fields({bias_name: grads[1]}, squares)
         self._squares = squares
@@ -596,7 +600,26 @@ class ReducedLimitSolver(EulerSolver):
         tracers = tracer_fields(small, self.fields, self.dtype, self.device)
         trainable = [name for name in tracers if name.split(":")[0] in self._multipliers]
         self._tracers.append((tracers, trainable))
+        if self.depth != 3:
+            self._merge_tracers()
         return small, IdealCoupling(self, small, tracers)
+
+    def _merge_tracers(self) -> None:
+        """Concatenate the tracer sets' fields along their neurons, each set keeping views.
+
+        The sets' dictionaries (held by their ``IdealCoupling``) get views into the merged
+        tensors, so the chunked step moves every coupled network in one pass per end layer.
+        """
+        readout = f"w{self.depth}"  # (out, n): neurons along dim 1
+        for name in self._tracers[0][0]:
+            dim = 1 if name == readout else 0
+            merged = torch.cat([t[name] for t, _ in self._tracers], dim=dim)
+            start = 0
+            for t, _ in self._tracers:
+                size = t[name].shape[dim]
+                t[name] = merged.narrow(dim, start, size)
+                start += size
+            self._merged[name] = merged
 
     def state_dict(self) -> dict[str, Any]:
         """Fields, step count, ``lr`` and ``loss``: plain tensors/ints/floats/strings.
