@@ -30,11 +30,17 @@ def loglog_slope(widths: list[int] | np.ndarray, values: list[float] | np.ndarra
     return float(np.polyfit(np.log(widths), np.log(values), 1)[0])
 
 
-@pytest.fixture(autouse=True)
-def _wandb_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep W&B quiet and offline in every test."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+@pytest.fixture(autouse=True, scope="session")
+def _wandb_offline() -> Iterator[None]:
+    """Keep W&B quiet and offline in every test, module-scoped fixtures included.
+
+    Session-wide: a module-scoped fixture is set up before any function-scoped one, and the
+    first W&B call of the process fixes the mode of W&B's process-wide settings.
+    """
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        yield
 
 
 @pytest.fixture
@@ -72,12 +78,7 @@ def coupled_output_gaps(
             mean_field_loss("half_mse", small(x), y).backward()
             optimizer.step()
         solver.step(x, y)
-    limit = solver(probe)
-    return [
-        float(
-            np.sqrt(
-                np.mean([float(output_gap(runs[w, s][0](probe), limit)) ** 2 for s in range(seeds)])
-            )
-        )
-        for w in widths
-    ]
+    with torch.no_grad():
+        limit = solver(probe)
+        gaps = {key: float(output_gap(small(probe), limit)) for key, (small, _) in runs.items()}
+    return [float(np.sqrt(np.mean([gaps[w, s] ** 2 for s in range(seeds)]))) for w in widths]
