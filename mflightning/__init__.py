@@ -1,6 +1,6 @@
 """mflightning: mean-field neural networks in PyTorch Lightning, and their infinite-width limit."""
 
-from mflightning import data, functional, metrics
+from mflightning import data, functional, metrics, optim
 from mflightning.callbacks import LimitTracker
 from mflightning.convnet import MeanFieldConvNet
 from mflightning.diagnostics import TrivialLimitWarning, trivial_limit_reasons
@@ -36,6 +36,7 @@ __all__ = [
     "fit_loglog_slope",
     "functional",
     "metrics",
+    "optim",
     "param_groups",
     "time_step",
     "trivial_limit_reasons",

@@ -2,23 +2,46 @@
 
 Usage::
 
-    mfl fit --config recipes/demo_gaussians.yaml
     mfl sweep --config recipes/demo_gaussians.yaml --widths 32,64,128,256 --seeds 8 --out runs/x
+    mfl fit --config recipes/demo_gaussians.yaml
+    mfl test --config recipes/demo_gaussians.yaml --ckpt_path path/to.ckpt
 
 The optimizer is injected into the model (the recipe's ``model.optimizer``) so it always gets the
 mean-field param groups; a top-level ``optimizer:``/``lr_scheduler:`` entry, which LightningCLI
 would apply to ``model.parameters()``, is refused. A recipe's ``sweep:`` section
 (``SweepSettings``) is read by ``mfl sweep`` and ignored by ``mfl fit``.
+
+User errors (a bad recipe, flag or file) print one line ``error: ...`` on stderr and exit with
+code 2; ``--debug`` (or ``MFL_DEBUG=1``) shows the traceback instead. Ctrl-C prints how to resume
+and exits with code 130.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import os
+import re
+import signal
 import sys
+import threading
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
+import yaml
+from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from mflightning.guards import DivergenceError
+from mflightning.io import verify_checkpoint
 from mflightning.module import MeanFieldModule
 from mflightning.report import summary_lines
 from mflightning.sweep import SweepSettings, WidthSweep
@@ -26,9 +49,9 @@ from mflightning.wandb_logging import offline_hint
 
 TOP_LEVEL_OPTIMIZER_MESSAGE = (
     "a top-level `{key}:` entry would train model.parameters() without the mean-field lr "
-    "multipliers. Put it under the model instead, e.g.\n"
-    "  model:\n    optimizer:\n      class_path: torch.optim.SGD\n"
-    "(and `scheduler:` for an lr scheduler)."
+    "multipliers; put it under the model instead, e.g. "
+    "`model: {{optimizer: {{class_path: torch.optim.SGD}}}}` (and `scheduler:` for an lr "
+    "scheduler)."
 )
 SWEEP_FLAGS = (
     "widths",
@@ -41,19 +64,122 @@ SWEEP_FLAGS = (
     "limit",
 )
 SWEEP_TRAINER_KEYS = ("accelerator", "precision", "deterministic")
+SUBCOMMANDS = {
+    "sweep": "train a recipe over widths x seeds, every run coupled to one infinite-width "
+    "limit; report the gaps and their slopes",
+    "fit": "train a recipe (a Lightning fit with the mean-field learning rates)",
+    "validate": "evaluate a model or checkpoint on the validation split (loss, accuracy, mf_time)",
+    "test": "evaluate a model or checkpoint on the test split (the validation split if none)",
+    "predict": "the network's outputs on the predict split (the validation inputs if none)",
+}
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,  # mflightning's refusals, jsonargparse's validation, corrupt files
+    argparse.ArgumentError,  # jsonargparse parse errors (the parsers do not exit on error)
+    FileNotFoundError,  # a missing recipe or data set
+    MisconfigurationException,  # Lightning's refusals of a configuration
+    DivergenceError,  # the lr is too large for the recipe
+)
+DEBUG_ENV = "MFL_DEBUG"
+KEY_PATTERN = re.compile(r'Parser key "([^"]+)":\s*')
+CLASS_PATTERN = re.compile(r"<class '([\w.]+)'>")
+
+
+class MeanFieldArgumentParser(LightningArgumentParser):
+    """A parser that raises ``argparse.ArgumentError`` instead of printing usage and exiting.
+
+    ``main`` turns the error into one line; ``--help`` still prints and exits normally.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("exit_on_error", False)
+        super().__init__(*args, **kwargs)
+
+
+RECIPE_KEYS = ("seed_everything", "model", "data")  # with the sweep's own: what a run depends on
 
 
 class MeanFieldCLI(LightningCLI):
-    """LightningCLI that refuses optimizer entries bypassing the mean-field param groups."""
+    """LightningCLI for mean-field recipes.
+
+    Refuses optimizer entries bypassing the mean-field param groups and a malformed ``sweep:``
+    section, CRC-checks ``--ckpt_path`` before Lightning reads its hyperparameters, and lets
+    ``test``/``predict`` fall back on the validation split of a data module without one.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add the recipe's ``sweep:`` section."""
         parser.add_class_arguments(SweepSettings, "sweep")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then refuse a damaged ``ckpt_path`` before anything loads it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            verify_checkpoint(ckpt_path)
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a ``sweep:`` section that is not a mapping (flags would silently replace it)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        sections = [config.get("sweep")]
+        for path in config.get("config") or []:
+            recipe = yaml.safe_load(path.read_text()) if hasattr(path, "read_text") else {}
+            if isinstance(recipe, dict) and "sweep" in recipe:
+                sections.append(recipe["sweep"])
+        for section in sections:
+            if not isinstance(section, (Namespace, dict)):
+                fields = ", ".join(f.name for f in dataclasses.fields(SweepSettings))
+                self.parser.error(
+                    f"the recipe's `sweep:` section must be a mapping of sweep settings "
+                    f"({fields}), got {section!r}; write e.g. "
+                    "`sweep: {widths: [32, 64], seeds: 4}`."
+                )
+
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         for key in ("optimizer", "lr_scheduler"):
             if self._get(self.config_init, key) is not None:
                 self._parser(subcommand).error(TOP_LEVEL_OPTIMIZER_MESSAGE.format(key=key))
+
+    def _validation_split_for(self, method: str) -> None:
+        """Give the data module ``<method>`` = ``val_dataloader`` when it defines none."""
+        datamodule = self.datamodule
+        if datamodule is not None and not is_overridden(method, datamodule, LightningDataModule):
+            setattr(datamodule, method, datamodule.val_dataloader)
+
+    def before_test(self) -> None:
+        """Test on the validation split when the data module has no test split."""
+        self._validation_split_for("test_dataloader")
+
+    def before_predict(self) -> None:
+        """Predict on the validation inputs when the data module has no predict split."""
+        self._validation_split_for("predict_dataloader")
+
+
+@contextlib.contextmanager
+def _command_line(prog: str, argv: list[str]) -> Iterator[None]:
+    """Show ``argv`` to LightningCLI as the command line, with ``prog`` as the program name.
+
+    LightningCLI reads ``sys.argv`` when given no ``args`` (and warns when given both); ``mfl``
+    rewrites its arguments (sweep flags, ``--debug``) before parsing, so it presents them there.
+    """
+    saved = sys.argv
+    sys.argv = [prog, *argv]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _cli(prog: str, argv: list[str], **kwargs: Any) -> MeanFieldCLI:
+    """A ``MeanFieldCLI`` for ``MeanFieldModule`` and any data module, parsing ``argv``."""
+    with _command_line(prog, argv):
+        return MeanFieldCLI(
+            MeanFieldModule,
+            LightningDataModule,
+            subclass_mode_data=True,
+            parser_class=MeanFieldArgumentParser,
+            **kwargs,
+        )
 
 
 def _sweep_arguments(argv: list[str]) -> list[str]:
@@ -74,14 +200,7 @@ def _sweep_arguments(argv: list[str]) -> list[str]:
 
 def sweep(argv: list[str]) -> dict[str, object]:
     """``mfl sweep``: run a recipe over widths x seeds coupled to one limit; print the result."""
-    cli = MeanFieldCLI(
-        MeanFieldModule,
-        LightningDataModule,
-        subclass_mode_data=True,
-        args=_sweep_arguments(argv),
-        run=False,
-        save_config_callback=None,
-    )
+    cli = _cli("mfl sweep", _sweep_arguments(argv), run=False, save_config_callback=None)
     trainer_config = cli.config.trainer
     steps = trainer_config.max_steps
     if steps is None or steps < 1:
@@ -96,7 +215,11 @@ def sweep(argv: list[str]) -> dict[str, object]:
     config_files = cli.config.get("config") or []
     name = Path(str(config_files[0])).stem if config_files else "sweep"
     settings: SweepSettings = cli.config_init.sweep
-    runner = WidthSweep(cli.model, cli.datamodule, steps, settings, trainer_kwargs, name=name)
+    config = cli.config.as_dict()
+    recipe = {key: config.get(key) for key in RECIPE_KEYS}
+    runner = WidthSweep(
+        cli.model, cli.datamodule, steps, settings, trainer_kwargs, name=name, recipe=recipe
+    )
     report = runner.run()
     print(f"report: {runner.out / 'report.json'} (figures, curves.csv beside it)")
     hint = offline_hint(runner.wandb_mode, runner.out)
@@ -107,19 +230,164 @@ def sweep(argv: list[str]) -> dict[str, object]:
     return report
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``mfl`` console script."""
-    argv = list(sys.argv[1:] if args is None else args)
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``{name: description}`` from the ``Attributes:`` section of a Google-style docstring."""
+    docs: dict[str, str] = {}
+    name = None
+    section = inspect.getdoc(cls) or ""
+    section = section.split("Attributes:", 1)[1] if "Attributes:" in section else ""
+    for line in section.splitlines():
+        entry = re.match(r"^ {4}(\w+): (.*)$", line)
+        if entry:
+            name = entry.group(1)
+            docs[name] = entry.group(2)
+        elif name and line.startswith(" " * 8):
+            docs[name] += " " + line.strip()
+        elif line.strip():
+            break
+    return docs
+
+
+def _main_help() -> str:
+    """``mfl --help``: every subcommand, one line each, ``sweep`` first."""
+    width = max(len(name) for name in SUBCOMMANDS) + 2
+    lines = [
+        "usage: mfl {" + ",".join(SUBCOMMANDS) + "} [--config RECIPE] [options] [--debug]",
+        "",
+        "Mean-field networks in Lightning, and their distance to the infinite-width limit.",
+        "",
+        "subcommands:",
+        *(f"  {name:<{width}}{about}" for name, about in SUBCOMMANDS.items()),
+        "",
+        "Run `mfl <subcommand> --help` for its options. Errors are one line; --debug (or "
+        f"{DEBUG_ENV}=1) shows the traceback.",
+    ]
+    return "\n".join(lines)
+
+
+def _sweep_help() -> str:
+    """``mfl sweep --help``: the sweep flags first, then how to override the recipe."""
+    docs = _attribute_docs(SweepSettings)
+    rows = []
+    for field in dataclasses.fields(SweepSettings):
+        flag = f"--{field.name}" if field.name in SWEEP_FLAGS else f"--sweep.{field.name}"
+        default = field.default_factory() if callable(field.default_factory) else field.default
+        about = docs.get(field.name, "").replace("``", "`")
+        rows.append((flag, about if "default" in about else f"{about} (default: {default})"))
+    width = max(len(flag) for flag, _ in rows) + 2
+    return "\n".join(
+        [
+            "usage: mfl sweep --config RECIPE [--widths 32,64,128] [--seeds S] [--out DIR] "
+            "[--particles M] [--every_n_steps K] [--probe_size P] [--wandb MODE] "
+            "[--<recipe key>=VALUE ...] [--debug]",
+            "",
+            SUBCOMMANDS["sweep"] + ".",
+            "The flags override the recipe's `sweep:` section.",
+            "",
+            "sweep flags:",
+            *(f"  {flag:<{width}}{about}" for flag, about in rows),
+            "",
+            "recipe overrides: every key of the recipe, as in `mfl fit` (`mfl fit --help` lists "
+            "them), e.g. --model.lr=0.05 --trainer.max_steps=200 --data.init_args.n_train=512",
+        ]
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    """The most specific line of an error and of its causes, for ``error: ...``.
+
+    jsonargparse wraps a refusal (say ``Normal``'s "`std` must be >= 0") in several layers of
+    union and subclass messages; the innermost line naming an argument in backquotes, as
+    mflightning's messages do, is the one that says what is wrong.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__
+    key = next((m.group(1) for e in chain if (m := KEY_PATTERN.search(str(e)))), None)
+    for candidate in reversed(chain):
+        for line in str(candidate).splitlines():
+            text = line.strip().removeprefix("- ").strip()
+            if "`" in text:
+                return f"{key}: {text}" if key and key not in text else text
+    text = CLASS_PATTERN.sub(r"\1", KEY_PATTERN.sub(r"\1: ", str(error)))
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return type(error).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+_interrupted = False
+
+
+def _on_interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGINT handler: remember the Ctrl-C (Lightning turns it into ``sys.exit(1)``), raise."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _resume_hint(argv: list[str]) -> str:
+    """How to resume after Ctrl-C."""
     if argv and argv[0] == "sweep":
+        return "interrupted: rerun the same command to resume: finished runs are kept."
+    return (
+        "interrupted: rerun the same command with --ckpt_path=last to resume from the last "
+        "checkpoint."
+    )
+
+
+def _run(argv: list[str]) -> None:
+    """Dispatch ``argv`` (without ``--debug``) to the help, ``sweep`` or LightningCLI."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_main_help())
+        return
+    if argv[0] == "sweep":
+        if {"-h", "--help"} & set(argv[1:]):
+            print(_sweep_help())
+            return
         sweep(argv[1:])
         return
-    MeanFieldCLI(
-        MeanFieldModule,
-        LightningDataModule,
-        subclass_mode_data=True,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-    )
+    _cli("mfl", argv, save_config_kwargs={"overwrite": True})
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``mfl`` console script.
+
+    Args:
+        args: the arguments (default: ``sys.argv[1:]``).
+
+    Raises:
+        SystemExit: code 2 after a user error (one line on stderr), 130 after Ctrl-C.
+    """
+    global _interrupted
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    _interrupted = False
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT)
+    if main_thread:  # only the main thread receives signals
+        signal.signal(signal.SIGINT, _on_interrupt)
+    try:
+        _run(argv)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if not (isinstance(stop, KeyboardInterrupt) or _interrupted):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(_resume_hint(argv), file=sys.stderr)
+        raise SystemExit(130) from None
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ arbitrary code.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib
+import inspect
 from typing import Any
 
 from torch import nn
@@ -17,12 +20,59 @@ ALLOWED_PREFIX = "mflightning."
 BUILDABLE = (nn.Module, InitLaw)
 
 
+def _closest(name: str, candidates: list[str]) -> str:
+    """`` Did you mean 'x'?`` for the candidate closest to ``name`` (empty when none is close).
+
+    Dotted paths are compared by their last component, the part a typo is usually in.
+    """
+    last = {candidate.rpartition(".")[2]: candidate for candidate in candidates}
+    match = difflib.get_close_matches(name.rpartition(".")[2], list(last), n=1, cutoff=0.75)
+    return f" Did you mean {last[match[0]]!r}?" if match else ""
+
+
+def _buildable_names(module_name: str) -> list[str]:
+    """Dotted paths of the buildable classes in ``module_name`` and in ``mflightning`` itself."""
+    names = []
+    for name in dict.fromkeys(["mflightning", module_name]):
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(name)
+            names += [
+                f"{name}.{attr}"
+                for attr, value in vars(module).items()
+                if isinstance(value, type)
+                and issubclass(value, BUILDABLE)
+                and value.__module__.startswith(ALLOWED_PREFIX)
+            ]
+    return names
+
+
+def _check_init_args(cls: type, class_path: str, init_args: Any) -> None:
+    """Refuse ``init_args`` that are not a mapping of ``cls``'s constructor arguments."""
+    parameters = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    if not isinstance(init_args, dict):
+        raise ValueError(
+            f"`init_args` of {class_path!r} must be a mapping of its arguments, got "
+            f"{init_args!r}; write them as `key: value` lines."
+        )
+    valid = [name for name in parameters if name != "generator"]
+    for key in init_args:
+        if key not in parameters:
+            raise ValueError(
+                f"`{key}` is not an argument of {class_path}.{_closest(key, valid)} Valid "
+                f"arguments: {', '.join(valid)}."
+            )
+
+
 def build(spec: Any) -> Any:
     """Recursively instantiate ``{"class_path": "mflightning.X", "init_args": {...}}`` dictionaries.
 
     Raises:
-        ValueError: a ``class_path`` points outside the ``mflightning`` package, or to anything
-            but a module or init-law class (a function, say).
+        ValueError: a ``class_path`` points outside the ``mflightning`` package, to anything
+            but a module or init-law class (a function, say), or to no class at all (the closest
+            name is suggested); or ``init_args`` has a key the class does not take (the closest
+            argument and the valid ones are listed).
     """
     if isinstance(spec, list):
         return [build(item) for item in spec]
@@ -49,7 +99,10 @@ def build(spec: Any) -> Any:
     ):
         raise ValueError(
             f"refusing to build `class_path` {class_path!r}: it is not an mflightning network, "
-            "layer or init law (functions are never called from saved configs); pass the network "
-            "yourself, e.g. MeanFieldModule.load_from_checkpoint(path, network=my_net)."
+            f"layer or init law.{_closest(class_path, _buildable_names(module_name))} Functions "
+            "are never called from configs; for another network, pass the network yourself, "
+            "e.g. MeanFieldModule.load_from_checkpoint(path, network=my_net)."
         )
-    return cls(**{key: build(value) for key, value in spec.get("init_args", {}).items()})
+    init_args = spec.get("init_args", {})
+    _check_init_args(cls, class_path, init_args)
+    return cls(**{key: build(value) for key, value in init_args.items()})

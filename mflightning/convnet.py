@@ -20,9 +20,10 @@ from typing import cast
 import torch
 from torch import Tensor
 
+from mflightning.diagnostics import warn_trivial_limits
 from mflightning.laws import InitLaw
 from mflightning.nn import ZERO, MeanFieldConv2d, MeanFieldLinear, check_positive_int
-from mflightning.stack import MeanFieldStack, check_input_dtype, layer_role
+from mflightning.stack import MeanFieldStack, check_input_dtype, layer_role, naming_layer
 
 
 class MeanFieldConvNet(MeanFieldStack):
@@ -77,31 +78,34 @@ class MeanFieldConvNet(MeanFieldStack):
         depth = self.depth
         for i in range(1, depth):
             role = layer_role(i, depth)
-            conv = MeanFieldConv2d(
-                sizes[i - 1],
-                sizes[i],
-                kernel_size,
-                padding=kernel_size // 2,
+            with naming_layer(i):
+                conv = MeanFieldConv2d(
+                    sizes[i - 1],
+                    sizes[i],
+                    kernel_size,
+                    padding=kernel_size // 2,
+                    bias=bias,
+                    role=role,
+                    init=laws[i - 1],
+                    bias_init=bias_init,
+                    frozen=i in frozen_layers,
+                    input_scale=input_scale if role == "input" else 1.0,
+                    generator=generator,
+                )
+            self.add_module(f"layer{i}", conv)
+        with naming_layer(depth):
+            readout = MeanFieldLinear(
+                sizes[-1],
+                out_features,
                 bias=bias,
-                role=role,
-                init=laws[i - 1],
+                role="readout",
+                init=laws[-1],
                 bias_init=bias_init,
-                frozen=i in frozen_layers,
-                input_scale=input_scale if role == "input" else 1.0,
+                frozen=depth in frozen_layers,
                 generator=generator,
             )
-            self.add_module(f"layer{i}", conv)
-        readout = MeanFieldLinear(
-            sizes[-1],
-            out_features,
-            bias=bias,
-            role="readout",
-            init=laws[-1],
-            bias_init=bias_init,
-            frozen=depth in frozen_layers,
-            generator=generator,
-        )
         self.add_module(f"layer{depth}", readout)
+        warn_trivial_limits(self)
 
     def check_input(self, x: Tensor, name: str = "x") -> None:
         """Raise ``ValueError`` naming ``name`` unless ``x`` is ``([batch,] C_in, H, W)`` floats.

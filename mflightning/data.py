@@ -94,6 +94,14 @@ class _TensorDataModule(LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    def test_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        """The validation set again: these modules hold no third split (``mfl test``)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        """The validation set: ``mfl predict`` returns the network's outputs on it."""
+        return self.val_dataloader()
+
 
 class IsotropicGaussians(_TensorDataModule):
     """The isotropic-Gaussians task as a LightningDataModule (fixed train/val sets).

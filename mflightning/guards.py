@@ -112,19 +112,39 @@ def training_divergence(
     return DivergenceError(divergence_message("training", what, trainer.global_step, time, sizes))
 
 
+def _batch_tensors(batch: Any) -> list[Tensor]:
+    """The tensors of ``batch``: a tensor or a sequence of them."""
+    items: Iterable[Any] = batch if isinstance(batch, (tuple, list)) else (batch,)
+    return [t for t in items if isinstance(t, Tensor)]
+
+
 def non_finite_inputs(batch: Any) -> bool:
     """Whether a floating tensor of ``batch`` (a tensor or a sequence of them) has NaN or inf."""
-    tensors: Iterable[Any] = batch if isinstance(batch, (tuple, list)) else (batch,)
     return any(
-        isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-        for t in tensors
+        t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in _batch_tensors(batch)
     )
+
+
+def empty_batch(batch: Any) -> bool:
+    """Whether a tensor of ``batch`` has no rows (the mean loss over 0 examples is NaN)."""
+    return any(t.dim() > 0 and t.shape[0] == 0 for t in _batch_tensors(batch))
+
+
+def non_finite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters of ``module`` that hold NaN or infinite values."""
+    return [
+        name
+        for name, p in module.named_parameters()
+        if p.is_floating_point() and not bool(torch.isfinite(p).all())
+    ]
 
 
 class DivergenceGuard(Callback):
     """Raises ``DivergenceError`` at the first non-finite training loss, before its backward.
 
-    A non-finite *batch* raises ``ValueError`` instead (the data, not the lr, is at fault). The
+    A non-finite or empty *batch*, or weights that were already non-finite before the fit's first
+    update (a bad initialization or checkpoint), raise ``ValueError`` instead: the lr is not at
+    fault then, and the message says what is. The
     finiteness check costs one scalar synchronisation per step. Just before every optimizer step
     the guard records the gradient norms (``GradientNorms.measure``: one fused read, no
     synchronisation); the update sizes of the message are computed from them only on divergence.
@@ -154,10 +174,23 @@ class DivergenceGuard(Callback):
         if bool(torch.isfinite(loss.detach()).all()):
             return
         step = trainer.global_step
+        if empty_batch(self._batch):
+            raise ValueError(
+                f"the training `batch` at step {step} is empty (0 examples), and the mean loss "
+                "over no examples is NaN; every batch must hold an example: check the "
+                "train_dataloader (a filter, split or collate function that drops every row)."
+            )
         if non_finite_inputs(self._batch):
             raise ValueError(
                 f"the training `batch` at step {step} contains NaN or infinite values; clean the "
                 "data (or drop those rows) before training."
+            )
+        bad = non_finite_parameters(pl_module) if self.last_step is None else []
+        if bad:
+            raise ValueError(
+                f"the `network` weights {bad[:5]} held NaN or infinite values before the first "
+                f"update of this fit (step {step}): the initialization or the loaded checkpoint "
+                "is bad, not the lr; use a finite init law, or load a good checkpoint."
             )
         raise training_divergence(trainer, pl_module, f"the loss is {float(loss.detach().sum())}")
 

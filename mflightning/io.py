@@ -1,14 +1,40 @@
-"""Atomic file writes: a crash mid-write leaves the previous version of the file intact."""
+"""Safe files: atomic writes, checksummed JSON, CRC-checked checkpoints.
+
+* Writes are atomic: a crash mid-write leaves the previous version of the file intact.
+* The JSON files mflightning writes carry a sha256 of their canonical payload (key ``"sha256"``);
+  ``read_json`` verifies it, so a truncated, damaged or edited file is refused, named, with how
+  to recover, instead of being used or failing with a bare ``JSONDecodeError``.
+* A checkpoint (a torch zip archive) is CRC-checked before ``torch.load`` reads it
+  (``verify_checkpoint``; ``VerifiedCheckpointIO`` for Lightning): torch itself loads an archive
+  with flipped bytes without a word.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.types import _PATH
+
+CHECKSUM_KEY = "sha256"
+"""The key of a written JSON file that holds the sha256 of the rest of it."""
+RECOVER_JSON = (
+    "delete it to have it recomputed (in a sweep folder: or rerun with --sweep.overwrite true)"
+)
+RECOVER_CHECKPOINT = "delete it and resume from an earlier checkpoint, or fit again without it"
+
+
+class CorruptFileError(ValueError):
+    """A file is truncated, damaged or edited: the message names it and how to recover."""
 
 
 def _umask() -> int:
@@ -42,11 +68,124 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    """``atomic_write_text`` of ``data`` as indented JSON."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+def _digest(payload: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``payload`` (sorted keys, no whitespace)."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file (a data format: loading never runs code)."""
-    return json.loads(Path(path).read_text())
+def atomic_write_json(path: str | Path, data: Mapping[str, Any]) -> None:
+    """``atomic_write_text`` of ``data`` as indented JSON, with its checksum under ``"sha256"``.
+
+    The checksum is taken over the payload as ``read_json`` will parse it back (tuples become
+    lists, keys strings), so a file read back unchanged always verifies.
+    """
+    if CHECKSUM_KEY in data:
+        raise ValueError(f"`data` must not use the key {CHECKSUM_KEY!r}: it holds the checksum.")
+    payload = json.loads(json.dumps(dict(data)))
+    text = json.dumps({**payload, CHECKSUM_KEY: _digest(payload)}, indent=2, sort_keys=False)
+    atomic_write_text(path, text + "\n")
+
+
+def read_json(path: str | Path, required: Sequence[str] = ()) -> dict[str, Any]:
+    """Parse a JSON file written by ``atomic_write_json``; verify its checksum and keys.
+
+    Parsing JSON never runs code.
+
+    Args:
+        path: the file.
+        required: top-level keys the payload must have.
+
+    Returns:
+        The payload, without its checksum.
+
+    Raises:
+        CorruptFileError: the file is not JSON (truncated, damaged), has no or a wrong checksum
+            (written by something else, edited, damaged) or lacks a required key; the message
+            names the file and how to recover.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as error:  # JSONDecodeError, or bytes that are not text
+        raise CorruptFileError(
+            f"{path} is not valid JSON ({error}): it is truncated or damaged; {RECOVER_JSON}."
+        ) from error
+    if not isinstance(data, dict) or not isinstance(data.get(CHECKSUM_KEY), str):
+        raise CorruptFileError(
+            f"{path} has no {CHECKSUM_KEY} checksum: it was not written by this version of "
+            f"mflightning; {RECOVER_JSON}."
+        )
+    digest = data.pop(CHECKSUM_KEY)
+    if digest != _digest(data):
+        raise CorruptFileError(
+            f"{path} does not match its {CHECKSUM_KEY} checksum: it was edited or damaged after "
+            f"it was written; {RECOVER_JSON}."
+        )
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise CorruptFileError(f"{path} lacks the keys {missing}; {RECOVER_JSON}.")
+    return data
+
+
+def verify_checkpoint(path: _PATH) -> None:
+    """Refuse a truncated or damaged checkpoint archive before ``torch.load`` reads it.
+
+    Checks that a local checkpoint file is a complete zip archive (the format of ``torch.save``)
+    whose every entry matches its CRC-32 (``zipfile.ZipFile.testzip``). Paths that are not local
+    files (directories of sharded checkpoints, remote URLs) are left to their loader.
+
+    Raises:
+        CorruptFileError: naming the file and how to recover.
+    """
+    local = Path(path)
+    if not local.is_file():
+        return
+    try:
+        with zipfile.ZipFile(local) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
+        raise CorruptFileError(
+            f"checkpoint {local} is not a complete zip archive ({error}): it is truncated or "
+            f"damaged; {RECOVER_CHECKPOINT}."
+        ) from error
+    if damaged is not None:
+        raise CorruptFileError(
+            f"checkpoint {local} is damaged: its entry {damaged!r} does not match its CRC-32; "
+            f"{RECOVER_CHECKPOINT}."
+        )
+
+
+class VerifiedCheckpointIO(CheckpointIO):
+    """A Lightning ``CheckpointIO`` that runs ``verify_checkpoint`` before every load.
+
+    Saving, loading and removing are delegated to ``base`` (Lightning's ``TorchCheckpointIO``
+    unless the trainer was given another one).
+
+    Args:
+        base: the checkpoint IO plugin doing the work.
+    """
+
+    def __init__(self, base: CheckpointIO) -> None:
+        self.base = base
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        """Save through ``base``."""
+        self.base.save_checkpoint(checkpoint, path, storage_options)
+
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """``verify_checkpoint(path)``, then load through ``base``."""
+        verify_checkpoint(path)
+        return self.base.load_checkpoint(path, map_location, weights_only)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        """Remove through ``base``."""
+        self.base.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        """Tear ``base`` down."""
+        self.base.teardown()

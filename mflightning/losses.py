@@ -23,6 +23,24 @@ def check_loss_name(loss: str) -> None:
         raise ValueError(f"unknown `loss` {loss!r}; choose one of {LOSSES}.")
 
 
+def check_loss_outputs(loss: str, outputs: int | None) -> None:
+    """Refuse ``loss="cross_entropy"`` on a network with a single output (no classes to pick).
+
+    Args:
+        loss: the loss convention.
+        outputs: the network's number of outputs (``None`` when unknown: nothing is checked).
+
+    Raises:
+        ValueError: naming ``loss``, the output count and the fix.
+    """
+    if loss == "cross_entropy" and outputs == 1:
+        raise ValueError(
+            "`loss`='cross_entropy' needs one output per class, but the network's readout has "
+            "1 output; build it with out_features=<number of classes> (>= 2), or use "
+            "loss='mse' or 'half_mse' with ±1 targets for a binary task."
+        )
+
+
 def _regression_target(prediction: Tensor, target: Tensor) -> Tensor:
     """Give a ``(batch,)`` target the ``(batch, 1)`` shape of a scalar-output prediction."""
     if target.dim() == prediction.dim() - 1 and prediction.shape[-1] == 1:

@@ -15,9 +15,10 @@ from typing import cast
 import torch
 from torch import Tensor
 
+from mflightning.diagnostics import warn_trivial_limits
 from mflightning.laws import InitLaw
 from mflightning.nn import ZERO, MeanFieldLinear, check_positive_int
-from mflightning.stack import MeanFieldStack, check_input_dtype, layer_role
+from mflightning.stack import MeanFieldStack, check_input_dtype, layer_role, naming_layer
 
 
 class MeanFieldMLP(MeanFieldStack):
@@ -67,18 +68,20 @@ class MeanFieldMLP(MeanFieldStack):
         sizes = [in_features, *widths, out_features]
         for i in range(1, self.depth + 1):
             role = layer_role(i, self.depth)
-            layer = MeanFieldLinear(
-                sizes[i - 1],
-                sizes[i],
-                bias=bias,
-                role=role,
-                init=laws[i - 1],
-                bias_init=bias_init,
-                frozen=i in frozen_layers,
-                input_scale=input_scale if role == "input" else 1.0,
-                generator=generator,
-            )
+            with naming_layer(i):
+                layer = MeanFieldLinear(
+                    sizes[i - 1],
+                    sizes[i],
+                    bias=bias,
+                    role=role,
+                    init=laws[i - 1],
+                    bias_init=bias_init,
+                    frozen=i in frozen_layers,
+                    input_scale=input_scale if role == "input" else 1.0,
+                    generator=generator,
+                )
             self.add_module(f"layer{i}", layer)
+        warn_trivial_limits(self)
 
     def check_input(self, x: Tensor, name: str = "x") -> None:
         """Raise ``ValueError`` naming ``name`` unless ``x`` is ``(..., in_features)`` floats.

@@ -9,39 +9,37 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
+from typing_extensions import Self
 
 from mflightning.config import build
 from mflightning.diagnostics import warn_trivial_limits
 from mflightning.guards import DivergenceGuard
-from mflightning.losses import LossName, check_loss_name, correct_predictions, mean_field_loss
-from mflightning.scaling import PresetName, Rule, get_preset, param_groups
+from mflightning.io import VerifiedCheckpointIO, verify_checkpoint
+from mflightning.losses import (
+    LossName,
+    check_loss_name,
+    check_loss_outputs,
+    correct_predictions,
+    mean_field_loss,
+)
+from mflightning.optim import check_optimizer_rule, warn_limit_change
+from mflightning.scaling import PresetName, Rule, get_preset, param_groups, readout_outputs
+from mflightning.stack import MeanFieldStack
 
 OptimizerCallable = Callable[[Iterable[Any]], Optimizer]
 SchedulerCallable = Callable[[Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
-ADAPTIVE_OPTIMIZERS = (
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.Adamax,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-    torch.optim.RMSprop,
-    torch.optim.Adagrad,
-    torch.optim.Adadelta,
-)
 REFUSED_PRECISIONS = ("bf16-true", "16-true")
-
-
-class LimitChangingOptimizerWarning(UserWarning):
-    """The optimizer settings leave the theory of plain SGD (§E.3 item 12): the limit changes."""
 
 
 def _loggers_written_this_step(trainer: Any) -> bool:
@@ -56,28 +54,6 @@ def _loggers_written_this_step(trainer: Any) -> bool:
         return True
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True))
-
-
-def _check_optimizer(optimizer: Optimizer, rule: Rule) -> None:
-    """Refuse rule mismatches; warn when momentum, weight decay or Adam change the limit."""
-    adaptive = isinstance(optimizer, ADAPTIVE_OPTIMIZERS)
-    name = type(optimizer).__name__
-    if adaptive and rule == "sgd":
-        raise ValueError(
-            f"`optimizer` {name} is adaptive but `rule` is 'sgd', which multiplies its lr by "
-            "n_in*n_out; set rule='adam' (lr unchanged, eps divided by the multiplier)."
-        )
-    if not adaptive and rule == "adam":
-        raise ValueError(f"`rule` is 'adam' but `optimizer` is {name}; use rule='sgd'.")
-    group = optimizer.param_groups[0]
-    changes = [k for k in ("momentum", "weight_decay") if group.get(k, 0)]
-    if adaptive or changes:
-        warnings.warn(
-            f"{name}{' with ' + ', '.join(changes) if changes else ''} trains towards a different "
-            "limit than the plain-SGD mean-field limit of the theory (§E.3 item 12).",
-            LimitChangingOptimizerWarning,
-            stacklevel=3,
-        )
 
 
 def _network_hparams(network: nn.Module) -> dict[str, Any]:
@@ -140,6 +116,7 @@ class MeanFieldModule(LightningModule):
         if not isinstance(network, nn.Module):
             raise ValueError(f"`network` must be a torch.nn.Module, got {type(network).__name__}.")
         check_loss_name(loss)
+        check_loss_outputs(loss, readout_outputs(network))
         if not callable(optimizer):
             raise ValueError(
                 f"`optimizer` must be a callable such as torch.optim.SGD, got {optimizer!r}."
@@ -154,14 +131,18 @@ class MeanFieldModule(LightningModule):
         # validates lr, rule and preset now rather than at fit time
         param_groups(network, lr, rule=rule, preset=preset)
         self.time_step = get_preset(preset).time_step(network, lr)
-        warn_trivial_limits(network)
+        if not any(isinstance(m, MeanFieldStack) for m in network.modules()):
+            warn_trivial_limits(network)  # a MeanFieldStack warned when it was built
         hparams: dict[str, Any] = {"lr": lr, "loss": loss, "rule": rule, "preset": preset}
         hparams |= _network_hparams(network)
         self.save_hyperparameters(hparams)
         self.train_accuracy = MeanMetric()
         self._batch_mf_time: float | None = None  # mf_time of the batch being trained on
+        self._weights_step = 0  # optimizer steps the weights have taken (fit or checkpoint)
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.test_accuracy = MeanMetric()
 
     def with_network(self, network: nn.Module) -> MeanFieldModule:
         """A new module with the same lr, loss, optimizer, scheduler, rule and preset."""
@@ -177,15 +158,45 @@ class MeanFieldModule(LightningModule):
 
     @property
     def mf_time(self) -> float:
-        """Physical time ``t = global_step * eps`` (§1.1)."""
-        return self.global_step * self.time_step
+        """Physical time ``t = k * eps`` of the weights after ``k`` optimizer steps (§1.1).
+
+        While fitting, ``k`` is the trainer's ``global_step``; otherwise (validate, test, predict)
+        it is the step count of the weights: that of the last fit, or of the loaded checkpoint.
+        """
+        trainer = self._trainer
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        return (self.global_step if fitting else self._weights_step) * self.time_step
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path | IO[Any], *args: Any, **kwargs: Any
+    ) -> Self:
+        """Lightning's ``load_from_checkpoint``, after a CRC check of the checkpoint archive.
+
+        Raises:
+            CorruptFileError: the file is truncated or damaged (``mflightning.io``).
+        """
+        if isinstance(checkpoint_path, (str, Path)):
+            verify_checkpoint(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Take the weights' step count from the checkpoint, so ``mf_time`` is theirs."""
+        self._weights_step = int(checkpoint.get("global_step", 0))
 
     def forward(self, x: Tensor) -> Tensor:
         """The network's output."""
         return self.network(x)
 
     def setup(self, stage: str) -> None:
-        """Refuse precisions and CLI optimizer overrides that break mean-field training."""
+        """Refuse precisions and CLI optimizer overrides that break mean-field training.
+
+        Also makes the trainer check a checkpoint archive's CRCs before loading it
+        (``VerifiedCheckpointIO``): a truncated or damaged ``ckpt_path`` is refused, named.
+        """
+        strategy = self.trainer.strategy
+        if not isinstance(strategy.checkpoint_io, VerifiedCheckpointIO):
+            strategy.checkpoint_io = VerifiedCheckpointIO(strategy.checkpoint_io)
         precision = str(self.trainer.precision)
         if precision in REFUSED_PRECISIONS:
             raise ValueError(
@@ -205,7 +216,8 @@ class MeanFieldModule(LightningModule):
         """Build the optimizer from ``mflightning.param_groups`` and log the group table."""
         groups = param_groups(self.network, self.lr, rule=self.rule, preset=self.preset)
         optimizer = self.optimizer_factory(groups)
-        _check_optimizer(optimizer, self.rule)
+        check_optimizer_rule(optimizer)
+        warn_limit_change(optimizer)
         table = "\n".join(
             f"  {g['name']:<32} lr={g['lr']:<12.6g} multiplier={g['lr_multiplier']:g}"
             for g in optimizer.param_groups
@@ -251,6 +263,7 @@ class MeanFieldModule(LightningModule):
         makes Lightning write this step), right before Lightning writes the step's values.
         """
         time, self._batch_mf_time = self._batch_mf_time, None
+        self._weights_step = self.global_step
         if time is not None and _loggers_written_this_step(self._trainer):
             self.log("mf_time", time)
 
@@ -259,11 +272,26 @@ class MeanFieldModule(LightningModule):
         if self.train_accuracy.update_count:  # none when resuming at the epoch's last batch
             self.log("train/accuracy", self.train_accuracy)
 
+    def _evaluate(
+        self, batch: tuple[Tensor, Tensor], stage: str, loss_sum: MeanMetric, accuracy: MeanMetric
+    ) -> None:
+        """Accumulate ``<stage>/loss`` and ``<stage>/accuracy``; log them with ``mf_time``."""
+        loss, correct = self._shared_step(batch)
+        loss_sum(loss, weight=len(correct))
+        accuracy(correct)
+        self.log(f"{stage}/loss", loss_sum, prog_bar=True)
+        self.log(f"{stage}/accuracy", accuracy)
+        self.log("mf_time", self.mf_time)
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Accumulates ``val/loss`` and ``val/accuracy`` over the validation set."""
-        loss, correct = self._shared_step(batch)
-        self.val_loss(loss, weight=len(correct))
-        self.val_accuracy(correct)
-        self.log("val/loss", self.val_loss, prog_bar=True)
-        self.log("val/accuracy", self.val_accuracy)
-        self.log("mf_time", self.mf_time)
+        self._evaluate(batch, "val", self.val_loss, self.val_accuracy)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Accumulates ``test/loss`` and ``test/accuracy`` over the test set (as validation)."""
+        self._evaluate(batch, "test", self.test_loss, self.test_accuracy)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The network's output on the inputs of ``batch`` (an ``(x, y)`` pair or ``x``)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.network(x)

@@ -17,6 +17,8 @@ All scale factors are plain module attributes; nothing is stored on the Paramete
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
@@ -36,6 +38,20 @@ def check_positive_int(name: str, value: object) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def check_positive_finite(name: str, value: object, fix: str = "") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number > 0.
+
+    Args:
+        name: the argument's name, quoted in the message.
+        value: the value to check (``inf``, ``nan``, 0, negatives and non-numbers are refused).
+        fix: a sentence appended to the message, saying what to pass instead.
+    """
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value > 0):  # type: ignore[arg-type, operator]
+        hint = f" {fix}" if fix else ""
+        raise ValueError(f"`{name}` must be a finite positive number, got {value!r}.{hint}")
 
 
 class MeanFieldLayer(nn.Module):
@@ -75,11 +91,11 @@ class MeanFieldLayer(nn.Module):
         """Validate and set the MF attributes, *before* the torch constructor samples weights."""
         if role not in ROLES:
             raise ValueError(f"`role` must be one of {ROLES}, got {role!r}.")
-        if not isinstance(input_scale, (int, float)) or not input_scale > 0:
-            raise ValueError(
-                f"`input_scale` must be a positive number (1.0, or 1/sqrt(d) for the tau/sqrt(d) "
-                f"convention of §E.3 item 19), got {input_scale!r}."
-            )
+        check_positive_finite(
+            "input_scale",
+            input_scale,
+            "Use 1.0, or 1/sqrt(d) for the tau/sqrt(d) convention of §E.3 item 19.",
+        )
         if role != "input" and input_scale != 1.0:
             raise ValueError(
                 f"`input_scale` only applies to role='input'; got input_scale={input_scale} "
@@ -113,12 +129,31 @@ class MeanFieldLayer(nn.Module):
         return float(self.fan_out_neurons)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Redraw the weights from ``init_law`` and the biases from ``bias_init_law``."""
+        """Redraw the weights from ``init_law`` and the biases from ``bias_init_law``.
+
+        Raises:
+            ValueError: a law drew NaN or infinite values in the parameters' dtype (e.g.
+                ``Normal(0, 1e300)`` in float32); the message names the law and the layer.
+        """
         if generator is None:
             generator = self.__dict__.get("_construction_generator")
         self.init_law.sample_(self.weight, generator)
+        self._check_finite_draw("init", self.init_law, self.weight)
         if self.bias is not None:
             self.bias_init_law.sample_(self.bias, generator)
+            self._check_finite_draw("bias_init", self.bias_init_law, self.bias)
+
+    def _check_finite_draw(self, name: str, law: InitLaw, tensor: Tensor) -> None:
+        """Refuse NaN or infinite initial values: training from them can only be garbage."""
+        if tensor.is_meta or bool(torch.isfinite(tensor).all()):
+            return
+        largest = torch.finfo(tensor.dtype).max
+        raise ValueError(
+            f"`{name}` {law} drew NaN or infinite initial values in {tensor.dtype} for "
+            f"{type(self).__name__}({super().extra_repr()}, role={self.role!r}); use a law whose "
+            f"draws are finite in {tensor.dtype} (|w| < {largest:.3g}), e.g. a smaller std, "
+            "or a wider dtype."
+        )
 
     def extra_repr(self) -> str:
         """Torch's description plus role, init law, frozen flag and lr multiplier."""
@@ -208,9 +243,34 @@ class _MeanFieldConvNd(MeanFieldLayer):
         return self._conv_forward(input, self.weight, bias).mul_(scale)
 
 
-def _check_conv_args(in_channels: int, out_channels: int, groups: int) -> None:
+def _check_conv_sizes(name: str, value: object, minimum: int) -> None:
+    """Refuse a conv size (an int or a tuple of ints) with an entry below ``minimum``."""
+    entries = value if isinstance(value, Sequence) else (value,)
+    valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in entries)
+    if not entries or not valid:
+        kind = "a positive" if minimum > 0 else "a non-negative"
+        raise ValueError(
+            f"`{name}` must be {kind} integer (or one per spatial dimension), got {value!r}; "
+            f"use e.g. {name}={max(minimum, 1)}."
+        )
+
+
+def _check_conv_args(
+    in_channels: int,
+    out_channels: int,
+    groups: int,
+    kernel_size: object,
+    stride: object,
+    padding: object,
+    dilation: object,
+) -> None:
     check_positive_int("in_channels", in_channels)
     check_positive_int("out_channels", out_channels)
+    _check_conv_sizes("kernel_size", kernel_size, 1)
+    _check_conv_sizes("stride", stride, 1)
+    _check_conv_sizes("dilation", dilation, 1)
+    if not isinstance(padding, str):  # torch checks 'same' / 'valid' itself
+        _check_conv_sizes("padding", padding, 0)
     if groups != 1:
         raise ValueError(
             f"`groups` must be 1 for a mean-field convolution, got {groups}: the 1/C_in average "
@@ -249,7 +309,7 @@ class MeanFieldConv1d(_MeanFieldConvNd, nn.Conv1d):
         input_scale: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> None:
-        _check_conv_args(in_channels, out_channels, groups)
+        _check_conv_args(in_channels, out_channels, groups, kernel_size, stride, padding, dilation)
         self._configure_mean_field(
             in_channels, out_channels, role, init, bias_init, frozen, input_scale, generator
         )
@@ -301,7 +361,7 @@ class MeanFieldConv2d(_MeanFieldConvNd, nn.Conv2d):
         input_scale: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> None:
-        _check_conv_args(in_channels, out_channels, groups)
+        _check_conv_args(in_channels, out_channels, groups, kernel_size, stride, padding, dilation)
         self._configure_mean_field(
             in_channels, out_channels, role, init, bias_init, frozen, input_scale, generator
         )

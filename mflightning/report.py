@@ -8,6 +8,12 @@ seed bootstrap (``mflightning.widthfit.fit_loglog_slope``); the expected slope i
 ``slopes`` are fitted at the final time; ``validity`` repeats the fit at every logged time and
 gives each metric's validity horizon ``t*`` (``mflightning.validity``), and ``slopes_to_horizon``
 fits each metric's sup over the times before its horizon. ``limit`` names the solver and M.
+
+A width enters the fits only with at least ``MIN_SEEDS`` finished (not diverged) seeds: the
+intervals resample the seeds of each width, and one seed gives a zero-width interval.
+``fitted_widths`` lists the widths that qualify; with fewer than two of them there is no slope,
+``slopes``, ``slopes_to_horizon`` and ``validity`` are ``null`` and ``notes`` says why. ``notes``
+holds every such caveat, and ``mfl sweep`` prints it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from mflightning.validity import RunHistory, aggregate_of, earliest_horizon, val
 from mflightning.widthfit import SlopeFit, fit_loglog_slope
 
 EXPECTED_SLOPE = -0.5  # per-seed gaps and coupled deviations scale as N^{-1/2} (§C.1-§C.3)
+MIN_SEEDS = 2  # finished seeds a width needs to enter the fits (module docstring)
 FIGURES = ("loss_curves", "output_gap", "deviation", "neuron_spread", "validity")
 
 
@@ -70,16 +77,38 @@ def _by_width(results: Results) -> dict[int, list[RunResult]]:
     return grouped
 
 
-def _layers(results: Results) -> list[str]:
-    first = next(iter(results.values())).history[-1]
-    return sorted(key.removeprefix("limit/dev/") for key in first if key.startswith("limit/dev/"))
+def _last_row(grouped: dict[int, list[RunResult]]) -> dict[str, float]:
+    """The last logged row of the first finished run (``{}`` when every run diverged)."""
+    return next((rs[0].history[-1] for rs in grouped.values() if rs[0].history), {})
 
 
-def _metrics(results: Results) -> list[str]:
+def _layers(grouped: dict[int, list[RunResult]]) -> list[str]:
+    last = _last_row(grouped)
+    return sorted(key.removeprefix("limit/dev/") for key in last if key.startswith("limit/dev/"))
+
+
+def _metrics(grouped: dict[int, list[RunResult]]) -> list[str]:
     """The gap metrics of the runs: ``output_gap``, ``loss_gap`` and ``dev/<layer>``."""
-    last = next(iter(results.values())).history[-1]
+    last = _last_row(grouped)
     gaps = [key for key in ("output_gap", "loss_gap") if f"limit/{key}" in last]
-    return gaps + [f"dev/{layer}" for layer in _layers(results)]
+    return gaps + [f"dev/{layer}" for layer in _layers(grouped)]
+
+
+def _no_slope_reason(results: Results, grouped: dict[int, list[RunResult]]) -> str:
+    """Why fewer than two widths can be fitted, and what to do about it."""
+    diverged = sum(r.diverged for r in results.values())
+    if diverged == len(results):
+        return (
+            f"no slope: all {diverged} runs diverged (diverged_runs), so no width has a gap to "
+            "fit; lower the lr or check the multiplier preset (docs/reliability.md)."
+        )
+    widths = sorted({width for width, _ in results})
+    finished = ", ".join(f"N{w}: {len(grouped.get(w, []))}" for w in widths)
+    cause = f" ({diverged} of {len(results)} runs diverged, see diverged_runs)" if diverged else ""
+    return (
+        f"no slope: a slope needs two widths with at least {MIN_SEEDS} finished seeds each; "
+        f"finished seeds per width: {finished}{cause}."
+    )
 
 
 def _slopes_to_horizon(
@@ -135,7 +164,8 @@ def build_report(
     solver of a deep iid network, ``exact_relative_gap``).
     """
     grouped = _by_width(results)
-    layers = _layers(results)
+    fitted = {w: rs for w, rs in grouped.items() if len(rs) >= MIN_SEEDS}
+    layers = _layers(grouped)
     per_width: dict[str, Any] = {}
     for width, runs in grouped.items():
         per_width[str(width)] = {
@@ -154,24 +184,38 @@ def build_report(
             },
         }
     diverged = [f"N{w}-seed{s}" for (w, s), r in sorted(results.items()) if r.diverged]
-    slopes: dict[str, Any] = {}
-    horizons: dict[str, Any] = {}
-    if len(grouped) >= 2:
+    notes = list(meta.get("notes", []))
+    slopes: dict[str, Any] | None = None
+    horizons: dict[str, Any] | None = None
+    to_horizon: dict[str, Any] | None = None
+    if len(fitted) >= 2:
+        left_out = sorted(set(grouped) - set(fitted))
+        if left_out:
+            notes.append(
+                f"widths {left_out} are left out of the fits: fewer than {MIN_SEEDS} finished "
+                "seeds (the intervals resample seeds; see diverged_runs)."
+            )
+        slopes = {}
         final = {"at": "final", "at_step": meta.get("steps")}
-        for metric in _metrics(results):
-            values = {w: [r.final(f"limit/{metric}") for r in rs] for w, rs in grouped.items()}
+        for metric in _metrics(fitted):
+            values = {w: [r.final(f"limit/{metric}") for r in rs] for w, rs in fitted.items()}
             slopes[metric] = _slope(values, aggregate_of(metric)) | final
             if metric == "output_gap":
-                sups = {w: [r.sup("limit/output_gap") for r in rs] for w, rs in grouped.items()}
+                sups = {w: [r.sup("limit/output_gap") for r in rs] for w, rs in fitted.items()}
                 slopes["sup_output_gap"] = _slope(sups, "rms") | {"at": "sup over the run"}
-        histories = [RunHistory(r.width, r.history) for rs in grouped.values() for r in rs]
-        horizons = validity(histories, _metrics(results))
+        histories = [RunHistory(r.width, r.history) for rs in fitted.values() for r in rs]
+        horizons = validity(histories, _metrics(fitted))
+        to_horizon = _slopes_to_horizon(fitted, horizons)
+    else:
+        notes.append(_no_slope_reason(results, grouped))
     return meta | {
         "per_width": per_width,
+        "fitted_widths": sorted(fitted),
         "slopes": slopes,
-        "slopes_to_horizon": _slopes_to_horizon(grouped, horizons),
+        "slopes_to_horizon": to_horizon,
         "validity": horizons,
         "diverged_runs": diverged,
+        "notes": notes,
         "limit": _limit_section(limit, meta),
     }
 
@@ -197,8 +241,8 @@ def _limit_section(limit: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[st
 
 def curves_rows(results: Results, limit_loss: list[float], time_step: float) -> list[list[Any]]:
     """``curves.csv`` rows: per run and logged step, the gaps; per step, the training losses."""
-    first = next(iter(results.values()))
-    gap_keys = [k for k in first.history[0] if k.startswith("limit/") and k != "limit/time"]
+    logged = dict.fromkeys(key for r in results.values() for row in r.history for key in row)
+    gap_keys = [k for k in logged if k.startswith("limit/") and k != "limit/time"]
     rows: list[list[Any]] = [["run", "width", "seed", "step", "mf_time", "train_loss", *gap_keys]]
     for (width, seed), result in sorted(results.items()):
         gaps = {int(row["step"]): row for row in result.history}
@@ -225,14 +269,13 @@ def write_figures(
 ) -> dict[str, Path]:
     """The sweep's PNG figures in ``out``; returns ``{name: path}``."""
     grouped = _by_width(results)
-    widths = sorted(grouped)
     per_width = report["per_width"]
     times = (np.arange(len(limit_loss)) * time_step).tolist()
     curves = {
         w: (times, np.mean([r.train_loss for r in rs], axis=0).tolist())
         for w, rs in grouped.items()
     }
-    star = earliest_horizon(report["validity"])
+    star = earliest_horizon(report["validity"] or {})
     marker = None if star is None else (star[1]["t_star"], f"t* ({star[0]})")
     paths = {
         "loss_curves": plot_loss_curves(
@@ -243,8 +286,9 @@ def write_figures(
             marker=marker,
         )
     }
-    if "output_gap" not in report["slopes"]:
+    if "output_gap" not in (report["slopes"] or {}):
         return paths
+    widths = report["fitted_widths"]
     paths["validity"] = plot_validity(report["validity"], out / "validity.png")
     fitted = report["slopes"]["output_gap"]
     fit = SlopeFit(**{k: fitted[k] for k in SlopeFit.__dataclass_fields__})
@@ -281,7 +325,7 @@ def write_figures(
 def report_tables(report: dict[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
     """The report as W&B tables: per-width values, fitted slopes, validity horizons."""
     per_width = report["per_width"]
-    layers = sorted(next(iter(per_width.values()))["dev_median"])
+    layers = sorted(next((v["dev_median"] for v in per_width.values()), {}))
     columns = ["width", "output_gap_rms", "sup_output_gap_rms", "loss_gap_rms", "accuracy"]
     columns += [f"dev/{layer}" for layer in layers]
     rows = [
@@ -292,12 +336,12 @@ def report_tables(report: dict[str, Any]) -> dict[str, tuple[list[str], list[lis
     slope_columns = ["metric", "slope", "ci_low", "ci_high", "expected", "contains_expected"]
     slopes = [
         [k, s["slope"], s["ci_low"], s["ci_high"], s["expected"], s["contains_expected"]]
-        for k, s in report["slopes"].items()
+        for k, s in (report["slopes"] or {}).items()
     ]
     horizon_columns = ["metric", "step_star", "t_star", "final_slope"]
     horizons = [
-        [k, v["step_star"], v["t_star"], report["slopes"].get(k, {}).get("slope")]
-        for k, v in report["validity"].items()
+        [k, v["step_star"], v["t_star"], report["slopes"][k]["slope"]]
+        for k, v in (report["validity"] or {}).items()
     ]
     return {
         "per_width": (columns, rows),
@@ -307,7 +351,7 @@ def report_tables(report: dict[str, Any]) -> dict[str, tuple[list[str], list[lis
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """What ``mfl sweep`` prints: the limit used, each validity horizon, the output-gap slope."""
+    """What ``mfl sweep`` prints: the limit used, the notes, each horizon, the output-gap slope."""
     limit = report["limit"]
     kind = {"reduced": "exact reduced limit", "particles": "particle solver"}.get(
         limit["solver"], limit["solver"]
@@ -321,7 +365,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             "later gaps compare the networks with a finite-M solver, not with the limit; "
             "rerun with --limit reduced (docs/theory.md §D.4)."
         )
-    for metric, entry in report["validity"].items():
+    lines += report["notes"]
+    for metric, entry in (report["validity"] or {}).items():
         if entry["step_star"] is None:
             continue
         lines.append(
@@ -329,7 +374,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"(t* = mf_time {entry['t_star']:g}); after it the gap stops shrinking like N^-1/2 "
             "and measures finite-width effects, not the distance to the limit (§D.4)."
         )
-    fit = report["slopes"].get("output_gap")
+    fit = (report["slopes"] or {}).get("output_gap")
     if fit:
         inside = "inside" if fit["contains_expected"] else "OUTSIDE"
         lines.append(

@@ -31,7 +31,7 @@ from typing import Any, Literal, get_args
 
 from torch import nn
 
-from mflightning.nn import MeanFieldLayer
+from mflightning.nn import MeanFieldLayer, check_positive_finite
 
 Rule = Literal["sgd", "adam"]
 RULES: tuple[str, ...] = get_args(Rule)
@@ -45,6 +45,12 @@ class NonMeanFieldParameterWarning(UserWarning):
 def mean_field_layers(model: nn.Module) -> list[tuple[str, MeanFieldLayer]]:
     """``(module path, layer)`` for every mean-field layer of ``model``, in registration order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MeanFieldLayer)]
+
+
+def readout_outputs(model: nn.Module) -> int | None:
+    """The number of outputs of the model's readout-role layer (``None`` without one)."""
+    readouts = [layer for _, layer in mean_field_layers(model) if layer.role == "readout"]
+    return int(readouts[-1].weight.shape[0]) if readouts else None
 
 
 def first_hidden_width(model: nn.Module) -> int:
@@ -133,11 +139,6 @@ def time_step(model: nn.Module, lr: float, preset: str = "nguyen_pham") -> float
     return get_preset(preset).time_step(model, lr)
 
 
-def _check_lr(lr: float) -> None:
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-        raise ValueError(f"`lr` must be a positive number, got {lr!r}.")
-
-
 def param_groups(
     model: nn.Module,
     lr: float,
@@ -156,14 +157,15 @@ def param_groups(
 
     Returns:
         One group per trainable mean-field weight or bias, named ``mf/<path>`` and
-        ``mf/<path>/bias``, each with ``lr``, ``lr_multiplier`` (and ``eps`` for Adam); trainable
+        ``mf/<path>/bias``, each with ``lr``, ``lr_multiplier``, ``rule`` (checked against the
+        optimizer at its first step, ``mflightning.optim``) and ``eps`` for Adam; trainable
         parameters outside mean-field layers go to a group ``"other"`` at the base lr, with a
         ``NonMeanFieldParameterWarning``. Frozen parameters are left out.
 
     Raises:
         ValueError: bad ``lr``, ``rule``, ``preset`` or ``eps``, or a model the preset cannot use.
     """
-    _check_lr(lr)
+    check_positive_finite("lr", lr, "Pass the base step eps, e.g. lr=0.1.")
     if rule not in RULES:
         raise ValueError(f"unknown `rule` {rule!r}; choose one of {RULES}.")
     if not eps > 0:
@@ -183,7 +185,7 @@ def param_groups(
             claimed.add(id(param))
             if not param.requires_grad:
                 continue
-            group: dict[str, Any] = {"params": [param], "name": group_name}
+            group: dict[str, Any] = {"params": [param], "name": group_name, "rule": rule}
             group["lr_multiplier"] = multiplier
             if rule == "sgd":
                 group["lr"] = base * multiplier  # §1.2: eps * n_{i-1} * n_i
@@ -202,7 +204,7 @@ def param_groups(
             NonMeanFieldParameterWarning,
             stacklevel=2,
         )
-        other: dict[str, Any] = {"params": [p for _, p in others], "name": "other"}
+        other: dict[str, Any] = {"params": [p for _, p in others], "name": "other", "rule": rule}
         other.update(lr=base, lr_multiplier=1.0)
         if rule == "adam":
             other["eps"] = eps

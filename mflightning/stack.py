@@ -10,7 +10,8 @@ checkpoints rebuild it without pickles.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -54,6 +55,15 @@ def check_input_dtype(x: Tensor, weight: Tensor, name: str) -> None:
 def layer_role(index: int, depth: int) -> Role:
     """Role of weight layer ``index`` (1-based) in a stack of ``depth`` layers."""
     return "input" if index == 1 else "readout" if index == depth else "hidden"
+
+
+@contextlib.contextmanager
+def naming_layer(index: int) -> Iterator[None]:
+    """Prefix the ``ValueError`` of a layer's constructor with the layer's name ``layer<i>``."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"layer{index}: {error}") from error
 
 
 class MeanFieldStack(nn.Module):

@@ -9,18 +9,29 @@ log-log slopes with bootstrap intervals and whether the expected -1/2 lies insid
 PNG figures and, unless disabled, one W&B run per (width, seed) plus a summary run.
 
 Finished runs are saved one by one (``runs/<name>.json``, written atomically): an interrupted sweep
-started again with the same folder skips them.
+started again with the same folder skips them. Each run file and ``limit.json`` hold the sweep's
+*recipe*: everything that determines a run (the model, data and seed configuration, a digest of
+the training batches and of the probe, steps, M, the limit kind, the solver dtype, the logging
+interval, the probe size, the training engine and the trainer settings) and its fingerprint
+(``mflightning.fingerprint``); a run's own file adds its width and seed. A folder whose files hold
+another recipe is refused with the keys that differ, before anything is trained, unless
+``overwrite`` starts it afresh. One sweep at a time writes into a folder (``mflightning.lock``).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import logging
 import math
+import os
+import secrets
+import shutil
+import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +44,7 @@ from tqdm.auto import tqdm
 
 from mflightning.batched import SeedBatch
 from mflightning.callbacks import RecordedLimitTracker
+from mflightning.fingerprint import differences, fingerprint, plain, qualified_name
 from mflightning.functional import neuron_spread, relative_output_gap
 from mflightning.guards import DivergenceError
 from mflightning.io import atomic_write_json, atomic_write_text, read_json
@@ -46,24 +58,44 @@ from mflightning.limit.choice import (
     default_reduced_atoms,
     exact_beside,
     resolve_limit,
+    solver_widths,
 )
+from mflightning.limit.memory import available_memory, mlp_parameter_count, solver_step_bytes
 from mflightning.limit.snapshot import LimitSnapshot, gaps_to_limit, take_snapshot
+from mflightning.limit.solver import check_solver_dtype
+from mflightning.lock import folder_lock
 from mflightning.losses import correct_predictions
+from mflightning.mlp import MeanFieldMLP
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
-from mflightning.report import RunResult, build_report, curves_rows, report_tables, write_figures
+from mflightning.report import (
+    FIGURES,
+    MIN_SEEDS,
+    RunResult,
+    build_report,
+    curves_rows,
+    report_tables,
+    write_figures,
+)
 from mflightning.scaling import get_preset
 from mflightning.stack import MeanFieldStack
 from mflightning.wandb_logging import (
+    SET_ASIDE,
     WandbMode,
     check_mode,
+    check_project,
     log_run_history,
     log_summary,
     resolve_mode,
     run_logger,
+    set_aside_offline_runs,
 )
 
 TRAINER_KEYS = ("accelerator", "precision", "deterministic")
+FRESH_START = (
+    "start afresh with --sweep.overwrite true (`overwrite=True`: deletes the runs, limit, report "
+    "and W&B runs in the folder) or choose a new --out"
+)
 
 
 @dataclass
@@ -71,8 +103,9 @@ class SweepSettings:
     """The ``sweep:`` section of a recipe; ``mfl sweep --widths ... --seeds ...`` overrides it.
 
     Attributes:
-        widths: hidden widths N (every hidden layer of a run gets width N).
-        seeds: independent subsamples of the particles per width (>= 2 for intervals).
+        widths: hidden widths N (every hidden layer of a run gets width N), each once.
+        seeds: independent subsamples of the particles per width (>= 2: the slope intervals
+            resample them).
         particles: M of the limit solver that runs: neurons per hidden layer of the particle
             solver (default 8 x the largest width, §B.4), atoms per end layer of the reduced
             solver (default ``default_reduced_atoms``).
@@ -80,7 +113,8 @@ class SweepSettings:
             particle solver otherwise), ``"particles"`` or ``"reduced"``
             (``mflightning.limit.choice``).
         every_n_steps: log the gaps every this many steps (default: steps // 20).
-        probe_size: number of validation inputs the gaps are measured on.
+        probe_size: number of validation inputs the gaps are measured on (at most the
+            validation set: a smaller set is used whole, and the report says so).
         out: report folder (default ``runs/sweep-<recipe name>``).
         wandb: ``"auto"`` (offline unless online is requested or logged in), ``"offline"``,
             ``"online"`` or ``"disabled"``.
@@ -89,6 +123,8 @@ class SweepSettings:
         batch_seeds: train the seeds of one width as one vmapped model
             (``SeedBatch``) when the recipe uses plain SGD without a
             scheduler; otherwise every run is its own Lightning fit.
+        overwrite: delete the runs, limit, report and W&B runs already in ``out`` and start
+            afresh (needed to rerun a folder with another recipe).
     """
 
     widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
@@ -102,6 +138,7 @@ class SweepSettings:
     batch_seeds: bool = True
     solver_dtype: str = "float64"
     limit: str = "auto"
+    overwrite: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -109,11 +146,24 @@ class SweepSettings:
             raise ValueError("`widths` must list at least two widths, e.g. --widths 64,128,256.")
         for i, width in enumerate(self.widths):
             check_positive_int(f"widths[{i}]", width)
-        if len(set(self.widths)) < 2:
+        repeated = sorted({w for w in self.widths if self.widths.count(w) > 1})
+        if repeated:
+            unique = ",".join(map(str, sorted(set(self.widths))))
+            raise ValueError(
+                f"`widths` = {self.widths} lists {repeated} more than once; give each width "
+                f"once, e.g. --widths {unique}."
+            )
+        if len(self.widths) < 2:
             raise ValueError(
                 f"`widths` needs two distinct widths to fit a slope, got {self.widths}."
             )
         check_positive_int("seeds", self.seeds)
+        if self.seeds < MIN_SEEDS:
+            raise ValueError(
+                f"`seeds` = {self.seeds}: the slope intervals resample the seeds of each width, "
+                f"so they need at least {MIN_SEEDS} (one seed gives a zero-width interval); use "
+                "--seeds 2 or more (8 for a useful interval)."
+            )
         check_positive_int("probe_size", self.probe_size)
         if self.every_n_steps is not None:
             check_positive_int("every_n_steps", self.every_n_steps)
@@ -124,11 +174,9 @@ class SweepSettings:
                     f"`particles` = {self.particles} is below the largest width "
                     f"{max(self.widths)}; subsampling needs M >= N (use M >= 8N)."
                 )
-        if self.solver_dtype not in ("float64", "float32"):
-            raise ValueError(
-                f"`solver_dtype` must be 'float64' or 'float32', not {self.solver_dtype!r}."
-            )
+        check_solver_dtype(self.solver_dtype, "solver_dtype")
         check_mode(self.wandb)
+        check_project(self.project)
         if self.limit not in LIMIT_KINDS:
             raise ValueError(
                 f"`limit` must be one of {', '.join(LIMIT_KINDS)}, not {self.limit!r}."
@@ -147,6 +195,18 @@ def _quiet_lightning() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def _digest(hasher: Any, tensor: Tensor) -> None:
+    """Feed a tensor's dtype, shape and bytes to a hashlib hasher."""
+    data = tensor.detach().cpu().contiguous()
+    hasher.update(f"{data.dtype}{tuple(data.shape)}".encode())
+    hasher.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _non_finite(tensor: Tensor) -> int:
+    """How many entries of a floating tensor are NaN or infinite (0 for integer tensors)."""
+    return int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
 
 
 def _take(loader: Any, size: int) -> tuple[Tensor, Tensor]:
@@ -175,6 +235,16 @@ class WidthSweep:
         settings: widths, seeds, M, logging and output options.
         trainer_kwargs: ``accelerator``, ``precision``, ``deterministic`` for each run's Trainer.
         name: sweep name (W&B group, default folder name).
+        recipe: the configuration the module and data module were built from, as plain data
+            (``mfl sweep`` passes the resolved ``model``, ``data`` and ``seed_everything`` of its
+            LightningCLI config). Default: described from the module's ``hparams``, optimizer and
+            scheduler and the data module's class and ``hparams``. The sweep adds its own
+            settings, the trainer settings and a data digest (keys ``sweep``, ``trainer``,
+            ``data_digest``) to make the recipe stored with every run (module docstring).
+
+    Raises:
+        ValueError: bad settings, a network or preset the sweep cannot run, or runs and a limit
+            that cannot fit in memory (checked before anything is built).
     """
 
     def __init__(
@@ -185,6 +255,7 @@ class WidthSweep:
         settings: SweepSettings,
         trainer_kwargs: dict[str, Any] | None = None,
         name: str = "sweep",
+        recipe: Mapping[str, Any] | None = None,
     ) -> None:
         settings.validate()
         check_positive_int("steps", steps)
@@ -213,17 +284,111 @@ class WidthSweep:
         self.limit_kind = resolve_limit(settings.limit, self.network)
         self.particles = settings.particles or self._default_particles()
         self.every = settings.every_n_steps or max(1, steps // 20)
-        self.wandb_mode = resolve_mode(settings.wandb)
         self.log_steps = sorted({*range(0, steps + 1, self.every), steps})
+        self._source = plain(recipe) if recipe is not None else self._described_recipe()
+        self._check_memory()
+        self.wandb_mode = resolve_mode(settings.wandb)
+        self._wandb_ids: dict[tuple[int, int], str] = {}
+        self._probe_note: str | None = None
+
+    # --- what determines a run ----------------------------------------------------------------
+
+    def _described_recipe(self) -> dict[str, Any]:
+        """The model and data configuration, described from the objects (no recipe given)."""
+        module, data = self.module, self.datamodule
+        model = dict(module.hparams) | {
+            "optimizer": module.optimizer_factory,
+            "scheduler": module.scheduler_factory,
+        }
+        data_config = {"class_path": qualified_name(type(data)), "init_args": dict(data.hparams)}
+        return plain({"model": model, "data": data_config})
+
+    def _recipe(self, data_digest: dict[str, str], probe_size: int) -> dict[str, Any]:
+        """Everything that determines a run but its width and seed (module docstring)."""
+        return self._source | {
+            "sweep": {
+                "steps": self.steps,
+                "particles": self.particles,
+                "limit": self.limit_kind,
+                "solver_dtype": self.settings.solver_dtype,
+                "every_n_steps": self.every,
+                "probe_size": probe_size,
+                "engine": "seed_batch" if self._batchable() else "lightning",
+            },
+            "trainer": plain(self.trainer_kwargs),
+            "data_digest": data_digest,
+        }
+
+    def _device(self) -> torch.device:
+        """Where the limit solver runs: the GPU when the trainer asks for one and it exists."""
+        accelerator = str(self.trainer_kwargs.get("accelerator", "cpu"))
+        gpu = accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+        return torch.device("cuda" if gpu else "cpu")
+
+    def _run_dtype(self) -> torch.dtype:
+        """The dtype of the runs' networks (float64 under ``precision="64-true"``)."""
+        return torch.float64 if self.trainer_kwargs.get("precision") == "64-true" else torch.float32
+
+    def _parameters(self, widths: list[int]) -> float:
+        """Parameters of the network at hidden widths ``widths``, counted without building it.
+
+        Exact for a ``MeanFieldMLP``; other stacks are built on the ``meta`` device (no memory),
+        and one too large for a tensor counts as infinite.
+        """
+        if isinstance(self.network, MeanFieldMLP):
+            return mlp_parameter_count(self.network, widths)
+        try:
+            with torch.device("meta"):
+                network = self.network.with_widths(widths)
+        except RuntimeError:  # a tensor with more than 2^63 entries
+            return math.inf
+        return sum(p.numel() for p in network.parameters())
+
+    def _check_memory(self, points: int | None = None) -> None:
+        """Refuse a sweep whose limit and networks cannot fit in memory, before building any.
+
+        Counted: the solver's particles, with their gradients (for a ``MeanFieldMLP`` particle
+        solver and ``points`` training points per batch, the bound of one step,
+        ``mflightning.limit.memory.solver_step_bytes``), every run's network and its recorded
+        limit snapshots (its ideal particles at each logging step), all held before training.
+        """
+        device = self._device()
+        available = available_memory(device)
+        if available is None:
+            return
+        solver_dtype = getattr(torch, self.settings.solver_dtype)
+        wide = solver_widths(self.network, self.limit_kind, self.particles)
+        if self.limit_kind == "particles" and isinstance(self.network, MeanFieldMLP) and points:
+            solver = float(solver_step_bytes(self.network, points, solver_dtype, widths=wide))
+        else:
+            solver = 2 * self._parameters(wide) * solver_dtype.itemsize
+        depth = len(self.network.widths)
+        per_run = self._run_dtype().itemsize + len(self.log_steps) * solver_dtype.itemsize
+        runs = sum(self._parameters([w] * depth) * per_run for w, _ in self._runs())
+        need = solver + runs
+        if need <= available:
+            return
+        default = "" if self.settings.particles else " (the default for these widths)"
+        raise ValueError(
+            f"this sweep needs about {need:.3g} bytes before training (the limit solver with "
+            f"M = {self.particles}{default} particles per layer: {solver:.3g} B; the "
+            f"{len(self._runs())} runs' networks with a limit snapshot at each of "
+            f"{len(self.log_steps)} logging steps: {runs:.3g} B), more than the "
+            f"{available:.3g} B available on {device.type}. Lower --widths (largest now "
+            f"{max(self.settings.widths)}) or --particles, or log less often (--every_n_steps); "
+            "mflightning.limit.memory.largest_width gives the largest M a budget allows "
+            "(docs/guide/limit.md)."
+        )
 
     # --- folders and runs ---------------------------------------------------------------------
 
     def _prepare_folder(self) -> None:
+        """Create ``out/runs`` and check that files can be written there (a unique probe file)."""
         try:
             (self.out / "runs").mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            fd, probe = tempfile.mkstemp(dir=self.out, prefix=".write-test-")
+            os.close(fd)
+            os.unlink(probe)
         except OSError as error:
             raise ValueError(
                 f"the report folder `out` = {self.out} is not writable ({error.strerror}); "
@@ -241,14 +406,59 @@ class WidthSweep:
     def _run_path(self, width: int, seed: int) -> Path:
         return self.out / "runs" / f"{self.run_name(width, seed)}.json"
 
+    def _stored(self) -> list[Path]:
+        """The files of earlier runs in ``out``: ``limit.json`` and ``runs/*.json``."""
+        limit = [self.out / "limit.json"] if (self.out / "limit.json").is_file() else []
+        return limit + sorted((self.out / "runs").glob("*.json"))
+
+    def _clear(self) -> None:
+        """``overwrite``: delete the runs, limit, report, figures and W&B runs in ``out``."""
+        outputs = ["report.json", "curves.csv", *(f"{name}.png" for name in FIGURES)]
+        for path in [*self._stored(), *(self.out / name for name in outputs)]:
+            path.unlink(missing_ok=True)
+        wandb = self.out / "wandb"
+        for run in [*wandb.glob("offline-run-*"), *wandb.glob("run-*"), wandb / SET_ASIDE]:
+            shutil.rmtree(run, ignore_errors=True)
+
+    def _check_stored(self, recipe: dict[str, Any]) -> None:
+        """Refuse a folder holding files of another recipe, naming the keys that differ."""
+        changed: dict[str, None] = {}
+        files = []
+        for path in self._stored():
+            data = read_json(path)
+            stored = data.get("recipe") if isinstance(data, dict) else None
+            if stored is None:
+                files.append(path.name)
+                changed["(no recipe: written by an older mflightning)"] = None
+                continue
+            run = data.get("run")
+            if path.parent.name == "runs" and (
+                not isinstance(run, dict)
+                or path.stem != self.run_name(run.get("width", -1), run.get("seed", -1))
+            ):
+                files.append(path.name)
+                changed[f"(runs/{path.name} holds run {run})"] = None
+            elif stored != recipe:
+                files.append(path.name)
+                changed |= dict.fromkeys(differences(stored, recipe))
+        if not files:
+            return
+        shown = list(changed)
+        more = f"; and {len(shown) - 10} more" if len(shown) > 10 else ""
+        names = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise ValueError(
+            f"the report folder `out` = {self.out} holds results of another configuration "
+            f"({names}), which this sweep must not mix with its own: "
+            f"{'; '.join(shown[:10])}{more}. A run is reused only when everything that "
+            f"determines it is identical: {FRESH_START}."
+        )
+
     def _load_finished(self, width: int, seed: int) -> RunResult | None:
+        """A finished run's result (its recipe was checked by ``_check_stored``), if saved."""
         path = self._run_path(width, seed)
         if not path.is_file():
             return None
-        data = read_json(path)
-        if data.get("steps") != self.steps or data.get("particles") != self.particles:
-            return None  # another sweep's result: redo it
-        return RunResult(**data["result"])
+        return RunResult(**read_json(path)["result"])
 
     # --- the limit ----------------------------------------------------------------------------
 
@@ -260,8 +470,6 @@ class WidthSweep:
         return 8 * largest
 
     def _solver(self) -> LimitSolver:
-        accelerator = str(self.trainer_kwargs.get("accelerator", "cpu"))
-        device = "cuda" if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
         return build_solver(
             self.network,
             self.limit_kind,
@@ -269,16 +477,66 @@ class WidthSweep:
             lr=self.module.time_step,
             loss=self.module.loss_name,
             dtype=getattr(torch, self.settings.solver_dtype),
-            device=device,
+            device=self._device(),
         )
 
-    def _check_data_order(self) -> None:
-        first = [next(iter(self.datamodule.train_dataloader()))[0] for _ in range(2)]
-        if not torch.equal(*first):
+    def _scan_training_data(self) -> tuple[str, int]:
+        """Check the training batches a sweep uses; returns their digest and the batch size P.
+
+        Reads one pass of ``train_dataloader()`` (at most ``steps`` batches): every batch must
+        be finite, and a second call must give the same first batch (the same data order for
+        every run and the limit).
+
+        Raises:
+            ValueError: a batch with NaN or infinite values (naming it), or a data order that
+                changes from call to call.
+        """
+        hasher = hashlib.sha256()
+        first: Tensor | None = None
+        for index, (x, y) in enumerate(self.datamodule.train_dataloader()):
+            if index == self.steps:
+                break
+            for name, tensor in (("inputs", x), ("targets", y)):
+                if bad := _non_finite(tensor):
+                    raise ValueError(
+                        f"the training data is not finite: batch {index} of the data module's "
+                        f"train_dataloader() has {bad} NaN or infinite {name}, and the limit and "
+                        "every run would train on them; clean the data (drop or impute those "
+                        "rows) before sweeping."
+                    )
+                _digest(hasher, tensor)
+            first = x if first is None else first
+        if first is None:
+            raise ValueError("the data module's train_dataloader() yielded no batch to train on.")
+        if not torch.equal(first, next(iter(self.datamodule.train_dataloader()))[0]):
             raise ValueError(
                 "the data module's train_dataloader() gives a different first batch at each call; "
                 "seed its shuffling so every run and the limit see the same data order."
             )
+        return hasher.hexdigest(), len(first)
+
+    def _probe(self) -> tuple[Tensor, Tensor]:
+        """The first ``probe_size`` validation examples (all of them if fewer), checked finite.
+
+        Raises:
+            ValueError: NaN or infinite values in the probe.
+        """
+        probe = _take(self.datamodule.val_dataloader(), self.settings.probe_size)
+        for name, tensor in zip(("inputs", "targets"), probe, strict=True):
+            if bad := _non_finite(tensor):
+                raise ValueError(
+                    f"the probe is not finite: the first {len(tensor)} examples of the data "
+                    f"module's val_dataloader(), on which every gap is measured, have {bad} NaN "
+                    f"or infinite {name}; clean the validation data."
+                )
+        size = len(probe[0])
+        if size < self.settings.probe_size:
+            self._probe_note = (
+                f"probe_size {self.settings.probe_size} was asked for but val_dataloader() has "
+                f"{size} examples: the gaps are measured on those {size}."
+            )
+            warnings.warn(self._probe_note, stacklevel=3)
+        return probe
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The training batch sequence of a run: one loader re-iterated, one pass per epoch."""
@@ -368,6 +626,7 @@ class WidthSweep:
             self.name,
             name,
             self._config(width, seed, network),
+            self._wandb_ids.get((width, seed)),
         )
         trainer = Trainer(
             **self.trainer_kwargs,
@@ -519,62 +778,89 @@ class WidthSweep:
             self.run_name(*key),
             self._config(*key, network),
             rows,
+            self._wandb_ids.get(key),
         )
 
     # --- the sweep ----------------------------------------------------------------------------
 
-    def _save(self, result: RunResult) -> RunResult:
-        """Write a finished run (atomically): an interrupted sweep keeps it."""
-        atomic_write_json(
-            self._run_path(result.width, result.seed),
-            {"steps": self.steps, "particles": self.particles, "result": asdict(result)},
-        )
+    def _save(self, result: RunResult, recipe: dict[str, Any]) -> RunResult:
+        """Write a finished run with its recipe and W&B id (atomically): a rerun keeps it."""
+        run = {"width": result.width, "seed": result.seed}
+        record = {
+            "fingerprint": fingerprint(recipe | {"run": run}),
+            "run": run,
+            "recipe": recipe,
+            "wandb_id": self._wandb_ids.get((result.width, result.seed)),
+            "result": asdict(result),
+        }
+        atomic_write_json(self._run_path(result.width, result.seed), record)
         return result
 
     def run(self) -> dict[str, Any]:
-        """Run (or finish) the sweep and write the report folder; returns the report."""
+        """Run (or finish) the sweep and write the report folder; returns the report.
+
+        Holds the folder's lock throughout. Before anything is trained it checks the data
+        (finite, same order at every call), the memory, and that the files already in the
+        folder hold this sweep's recipe (or deletes them under ``overwrite``).
+
+        Raises:
+            ValueError: unusable data, too little memory, a folder holding another recipe or
+                locked by another sweep, or an unwritable folder (each message says what to do).
+        """
         self._prepare_folder()
+        with folder_lock(self.out):
+            return self._run_locked()
+
+    def _run_locked(self) -> dict[str, Any]:
         self.datamodule.setup("fit")
-        self._check_data_order()
-        probe = _take(self.datamodule.val_dataloader(), self.settings.probe_size)
+        train_digest, points = self._scan_training_data()
+        probe = self._probe()
+        self._check_memory(points)
+        probe_hash = hashlib.sha256()
+        for tensor in probe:
+            _digest(probe_hash, tensor)
+        digest = {"train": train_digest, "probe": probe_hash.hexdigest()}
+        recipe = self._recipe(digest, len(probe[0]))
+        if self.settings.overwrite:
+            self._clear()
+        else:
+            self._check_stored(recipe)
         results = {key: r for key in self._runs() if (r := self._load_finished(*key)) is not None}
         todo = [key for key in self._runs() if key not in results]
+        if self.wandb_mode != "disabled":
+            self._wandb_ids = {key: f"{self.run_name(*key)}-{secrets.token_hex(4)}" for key in todo}
         limit_path = self.out / "limit.json"
         if todo or not limit_path.is_file():
             solver = self._solver()
             exact = exact_beside(solver)
-            dtype = (
-                torch.float64
-                if self.trainer_kwargs.get("precision") == "64-true"
-                else torch.float32
-            )
             couplings: dict[tuple[int, int], AnyCoupling] = {}
             networks: dict[tuple[int, int], MeanFieldStack] = {}
             for width, seed in self._runs():
                 generator = torch.Generator().manual_seed(seed)
                 widths = [width] * len(self.network.widths)
                 networks[width, seed], couplings[width, seed] = solver.couple(
-                    widths, generator=generator, dtype=dtype
+                    widths, generator=generator, dtype=self._run_dtype()
                 )
             snapshots, record = self._record_limit(solver, couplings, probe, exact)
+            record = {"fingerprint": fingerprint(recipe), "recipe": recipe} | record
             atomic_write_json(limit_path, record)
             if self._batchable():
                 for width in tqdm(sorted({w for w, _ in todo}), desc=f"sweep {self.name} (widths)"):
                     seeds = [s for w, s in todo if w == width]
                     for result in self._train_seeds(width, seeds, networks, snapshots, probe):
-                        results[result.width, result.seed] = self._save(result)
+                        results[result.width, result.seed] = self._save(result, recipe)
             else:
                 with _quiet_lightning():
                     for width, seed in tqdm(todo, desc=f"sweep {self.name}"):
                         result = self._train(
                             width, seed, networks[width, seed], snapshots[width, seed], probe
                         )
-                        results[width, seed] = self._save(result)
-        return self._write_report(results, read_json(limit_path))
+                        results[width, seed] = self._save(result, recipe)
+        return self._write_report(results, read_json(limit_path), recipe)
 
     # --- report -------------------------------------------------------------------------------
 
-    def _meta(self) -> dict[str, Any]:
+    def _meta(self, recipe: dict[str, Any]) -> dict[str, Any]:
         return {
             "name": self.name,
             "widths": sorted(self.settings.widths),
@@ -588,22 +874,33 @@ class WidthSweep:
             "loss": self.module.loss_name,
             "preset": self.module.preset,
             "every_n_steps": self.every,
-            "probe_size": self.settings.probe_size,
+            "probe_size": recipe["sweep"]["probe_size"],
             "wandb": self.wandb_mode,
+            "fingerprint": fingerprint(recipe),
+            "recipe": recipe,
+            "notes": [self._probe_note] if self._probe_note else [],
         }
 
     def _write_report(
-        self, results: dict[tuple[int, int], RunResult], limit: dict[str, Any]
+        self,
+        results: dict[tuple[int, int], RunResult],
+        limit: dict[str, Any],
+        recipe: dict[str, Any],
     ) -> dict[str, Any]:
         step = self.module.time_step
         limit_loss = limit["train_loss"]
-        report = build_report(results, limit, self._meta())
+        report = build_report(results, limit, self._meta(recipe))
         atomic_write_json(self.out / "report.json", report)
         buffer = io.StringIO()
         csv.writer(buffer).writerows(curves_rows(results, limit_loss, step))
         atomic_write_text(self.out / "curves.csv", buffer.getvalue())
         paths = write_figures(report, results, limit_loss, step, self.out)
+        for name in set(FIGURES) - set(paths):  # an earlier report's figure this one lacks
+            (self.out / f"{name}.png").unlink(missing_ok=True)
         tables = report_tables(report)
+        config = {"widths": sorted(self.settings.widths), "seeds": self.settings.seeds}
+        key = [str(self.out.resolve()), report["fingerprint"], self.name, config]
+        summary_id = f"summary-{fingerprint(key)[:16]}"  # a rerun into this folder resumes it
         log_summary(
             self.wandb_mode,
             self.out,
@@ -611,6 +908,10 @@ class WidthSweep:
             self.name,
             tables,
             paths,
-            {"widths": self.settings.widths, "seeds": self.settings.seeds},
+            config,
+            summary_id,
         )
+        run_files = (self.out / "runs").glob("*.json")
+        finished = {str(read_json(path).get("wandb_id")) for path in run_files}
+        set_aside_offline_runs(self.out, finished | {str(summary_id)})
         return report

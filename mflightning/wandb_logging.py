@@ -9,10 +9,11 @@ key in ``WANDB_API_KEY`` or ``~/.netrc``); offline runs need no account and no n
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
@@ -24,6 +25,9 @@ TIME_AXIS_METRICS = ("limit/*", "train/*", "val/*")
 DEFAULT_HOST = "https://api.wandb.ai"
 PROBE_TIMEOUT_S = 3.0
 """Seconds the connection probe to the W&B host may take before falling back to offline."""
+PROJECT_FORBIDDEN = "/\\#?%:"
+"""Characters W&B refuses in a project name."""
+PROJECT_MAX_LENGTH = 128
 
 
 class WandbOfflineFallback(UserWarning):
@@ -34,6 +38,32 @@ def check_mode(mode: str) -> None:
     """Raise ``ValueError`` naming ``wandb`` unless ``mode`` is one of ``WANDB_MODES``."""
     if mode not in WANDB_MODES:
         raise ValueError(f"unknown `wandb` mode {mode!r}; choose one of {WANDB_MODES}.")
+
+
+def check_project(project: str) -> None:
+    """Raise ``ValueError`` naming ``project`` unless W&B accepts it as a project name.
+
+    W&B refuses empty names, names over ``PROJECT_MAX_LENGTH`` characters and the characters
+    of ``PROJECT_FORBIDDEN``; checked up front, a bad name fails before any training instead
+    of after the limit pass.
+    """
+    if not isinstance(project, str) or not project.strip():
+        raise ValueError(
+            f"`project` must be a non-empty W&B project name, got {project!r}; use e.g. "
+            "--sweep.project=mflightning."
+        )
+    forbidden = sorted(set(PROJECT_FORBIDDEN) & set(project))
+    if forbidden:
+        raise ValueError(
+            f"`project` {project!r} is not a valid W&B project name (it contains "
+            f"{' '.join(forbidden)}); use a plain name without {' '.join(PROJECT_FORBIDDEN)}, "
+            "e.g. --sweep.project=mflightning."
+        )
+    if len(project) > PROJECT_MAX_LENGTH:
+        raise ValueError(
+            f"`project` is {len(project)} characters long but W&B accepts at most "
+            f"{PROJECT_MAX_LENGTH}; use a shorter name."
+        )
 
 
 def resolve_mode(mode: str) -> ResolvedMode:
@@ -124,9 +154,18 @@ def define_time_axis(run: Any) -> None:
 
 
 def run_logger(
-    mode: str, save_dir: Path, project: str, group: str, name: str, config: Mapping[str, Any]
+    mode: str,
+    save_dir: Path,
+    project: str,
+    group: str,
+    name: str,
+    config: Mapping[str, Any],
+    run_id: str | None = None,
 ) -> Any:
-    """A Lightning ``WandbLogger`` for one sweep run (``None`` when W&B is disabled)."""
+    """A Lightning ``WandbLogger`` for one sweep run (``None`` when W&B is disabled).
+
+    ``run_id`` fixes the W&B run id (default: a random one).
+    """
     if mode == "disabled":
         return None
     from lightning.pytorch.loggers import WandbLogger
@@ -135,6 +174,7 @@ def run_logger(
         project=project,
         group=group,
         name=name,
+        id=run_id,
         save_dir=str(save_dir),
         offline=mode == "offline",
         config=dict(config),
@@ -153,11 +193,12 @@ def log_run_history(
     name: str,
     config: Mapping[str, Any],
     steps: Sequence[Mapping[str, float]],
+    run_id: str | None = None,
 ) -> None:
     """One W&B run replaying a finished run's logged rows (``{"step", "mf_time", ...}``).
 
     Used for seed-batched sweep runs, which train outside Lightning: the run has the same group,
-    name, config and ``mf_time`` axis as a Lightning-logged one.
+    name, config and ``mf_time`` axis as a Lightning-logged one. ``run_id`` fixes its W&B id.
     """
     if mode == "disabled":
         return
@@ -167,6 +208,7 @@ def log_run_history(
         project=project,
         group=group,
         name=name,
+        id=run_id,
         dir=str(save_dir),
         mode=mode,
         config=dict(config),
@@ -187,8 +229,12 @@ def log_summary(
     tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]],
     figures: Mapping[str, Path],
     config: Mapping[str, Any],
+    run_id: str | None = None,
 ) -> None:
-    """One summary run in the sweep's group: ``wandb.Table`` s of the report and the figures."""
+    """One summary run in the sweep's group: ``wandb.Table`` s of the report and the figures.
+
+    With a ``run_id``, a rerun resumes that run (``resume="allow"``) instead of adding one.
+    """
     if mode == "disabled":
         return
     import wandb
@@ -197,6 +243,8 @@ def log_summary(
         project=project,
         group=group,
         name=f"{group}-summary",
+        id=run_id,
+        resume="allow" if run_id else None,
         job_type="summary",
         dir=str(save_dir),
         mode=mode,
@@ -218,3 +266,33 @@ def offline_hint(mode: str, save_dir: Path) -> str | None:
         return None
     runs = save_dir / "wandb" / "offline-run-*"
     return f"W&B ran offline (no account needed): `wandb sync {runs}` uploads the runs."
+
+
+SET_ASIDE = "set-aside"
+"""Folder under ``<save_dir>/wandb`` for offline runs that ``wandb sync`` must not upload."""
+
+
+def set_aside_offline_runs(save_dir: Path, keep: Collection[str]) -> list[Path]:
+    """Move the offline runs not to upload out of ``wandb sync <save_dir>/wandb/offline-run-*``.
+
+    An offline run directory (``offline-run-<date>_<time>-<run id>``) is kept when its id is in
+    ``keep`` and it is the newest of that id; the others (a partial run left by a killed
+    process, an older copy of a resumed run) move to ``<save_dir>/wandb/set-aside/``.
+
+    Returns:
+        The new paths of the moved directories.
+    """
+    root = save_dir / "wandb"
+    runs = sorted(root.glob("offline-run-*"))  # the names sort by start time
+    newest = {run.name.split("-", 3)[-1]: run for run in runs}
+    moved = []
+    for run in runs:
+        run_id = run.name.split("-", 3)[-1]
+        if run_id in keep and newest[run_id] == run:
+            continue
+        target = root / SET_ASIDE / run.name
+        if target.exists():
+            shutil.rmtree(target)  # an older set-aside copy of the same directory
+        target.parent.mkdir(exist_ok=True)
+        moved.append(run.rename(target))
+    return moved

@@ -12,10 +12,17 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
-from mflightning import MeanFieldMLP, MeanFieldModule, Normal, TrivialLimitWarning
+from mflightning import (
+    MeanFieldLinear,
+    MeanFieldMLP,
+    MeanFieldModule,
+    Normal,
+    TrivialLimitWarning,
+)
 from mflightning.data import IsotropicGaussians
-from mflightning.module import LimitChangingOptimizerWarning
+from mflightning.optim import LimitChangingOptimizerWarning
 
 
 def _trainer(tmp_path: Path, **kwargs) -> Trainer:
@@ -144,16 +151,24 @@ def test_adaptive_optimizer_needs_the_adam_rule(tmp_path: Path) -> None:
         _trainer(tmp_path, max_steps=1).fit(adam, IsotropicGaussians(n_train=16, n_val=8))
 
 
-def test_construction_warns_about_trivial_deep_limits() -> None:
-    zero_mean = _net(init=[Normal(0, 1), Normal(0, 1), Normal(0, 1)])
+def test_construction_warns_about_trivial_deep_limits_once() -> None:
+    """The network warns when it is built (plain PyTorch too); the module does not repeat it."""
     with pytest.warns(TrivialLimitWarning, match="zero-mean"):
-        MeanFieldModule(zero_mean)
-    odd = MeanFieldMLP(10, [8, 8, 8], activations="tanh")
+        zero_mean = _net(init=[Normal(0, 1), Normal(0, 1), Normal(0, 1)])
     with pytest.warns(TrivialLimitWarning, match="odd first activation"):
-        MeanFieldModule(odd)
+        odd = MeanFieldMLP(10, [8, 8, 8], activations="tanh")
     with warnings.catch_warnings():
         warnings.simplefilter("error", TrivialLimitWarning)
+        MeanFieldModule(zero_mean)
+        MeanFieldModule(odd)
         MeanFieldModule(_net())
+    layers = nn.Sequential(  # no MeanFieldStack to warn: the module checks the layers
+        MeanFieldLinear(10, 8, role="input"),
+        MeanFieldLinear(8, 8, role="hidden", init=Normal(0, 1)),
+        MeanFieldLinear(8, 1, role="readout"),
+    )
+    with pytest.warns(TrivialLimitWarning, match="zero-mean"):
+        MeanFieldModule(layers)
 
 
 def test_checkpoint_rebuilds_the_model_without_rescaling(tmp_path: Path) -> None:

@@ -379,7 +379,7 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp(
     with pytest.raises(OSError, match="No space"):
         mio.atomic_write_json(path, {"version": 2, "padding": "x" * 1000})
     monkeypatch.undo()
-    assert json.loads(path.read_text()) == {"version": 1}
+    assert mio.read_json(path) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
@@ -454,3 +454,74 @@ def test_offline_fallback_run_logs_without_network(
     logger.experiment.finish()
     assert mode == "offline" and time.monotonic() - start < 60
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+# --- corrupt files ------------------------------------------------------------------------------
+
+
+def test_read_json_names_a_truncated_edited_or_incomplete_file(tmp_path: Path) -> None:
+    path = tmp_path / "N8-seed0.json"
+    payload = {"steps": 3, "pairs": (1, 2), "by_width": {8: math.nan}}
+    mio.atomic_write_json(path, payload)
+    back = mio.read_json(path, required=("steps",))  # tuples, int keys and NaN round-trip
+    assert back["steps"] == 3 and back["pairs"] == [1, 2] and math.isnan(back["by_width"]["8"])
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(mio.CorruptFileError, match=rf"{path} is not valid JSON.*overwrite true"):
+        mio.read_json(path)
+    edited = json.loads(text)
+    edited["extra"] = 1  # e.g. an edited run file (today: TypeError RunResult.__init__())
+    path.write_text(json.dumps(edited))
+    with pytest.raises(mio.CorruptFileError, match=rf"{path} does not match its sha256"):
+        mio.read_json(path)
+    path.write_text(json.dumps({"steps": 3}))
+    with pytest.raises(mio.CorruptFileError, match=rf"{path} has no sha256 checksum"):
+        mio.read_json(path)
+    mio.atomic_write_json(path, {"steps": 3})
+    with pytest.raises(mio.CorruptFileError, match=rf"{path} lacks the keys \['result'\]"):
+        mio.read_json(path, required=("steps", "result"))
+
+
+def test_a_truncated_run_file_is_named_when_the_sweep_resumes(tmp_path: Path) -> None:
+    settings = SweepSettings(widths=[8, 16], seeds=2, wandb="disabled", out=str(tmp_path))
+    module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
+    WidthSweep(module, _data(), 2, settings).run()
+    run_file = tmp_path / "runs" / "N8-seed1.json"
+    run_file.write_text(run_file.read_text()[:100])  # as after a full disk or a bad copy
+    with pytest.raises(mio.CorruptFileError, match=rf"{run_file} is not valid JSON"):
+        WidthSweep(module, _data(), 2, settings).run()
+
+
+def _damaged_copies(path: Path) -> tuple[Path, Path]:
+    """``path`` with 64 bytes flipped in the middle, and ``path`` cut in half."""
+    data = path.read_bytes()
+    middle = len(data) // 2
+    flipped = bytearray(data)
+    flipped[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    (flipped_path := path.with_name("flipped.ckpt")).write_bytes(bytes(flipped))
+    (truncated_path := path.with_name("truncated.ckpt")).write_bytes(data[:middle])
+    return flipped_path, truncated_path
+
+
+def test_a_damaged_or_truncated_checkpoint_is_refused_with_its_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from mflightning.cli import main
+
+    module = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
+    _trainer(tmp_path, 2, [_every_step_checkpoint(tmp_path)]).fit(module, _data())
+    good = max(tmp_path.glob("*.ckpt"), key=lambda p: int(p.stem.rpartition("step=")[2]))
+    mio.verify_checkpoint(good)
+    assert MeanFieldModule.load_from_checkpoint(good).mf_time == pytest.approx(0.2)
+    for bad in _damaged_copies(good):  # today: loads silently (flipped), OSError 22 (truncated)
+        with pytest.raises(mio.CorruptFileError, match=rf"checkpoint {bad} .*delete it"):
+            MeanFieldModule.load_from_checkpoint(bad)
+        resumed = MeanFieldModule(_net(), lr=0.1, loss="half_mse")
+        with pytest.raises(mio.CorruptFileError, match=rf"checkpoint {bad} "):
+            _trainer(tmp_path / "resume", 4, []).fit(resumed, _data(), ckpt_path=bad)
+        recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "demo_gaussians.yaml")
+        with pytest.raises(SystemExit) as stop:
+            main(["validate", "--config", recipe, f"--ckpt_path={bad}"])
+        assert stop.value.code == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: checkpoint {bad} ")

@@ -12,6 +12,7 @@ import pytest
 from wandb_records import summarize
 
 from mflightning.cli import main, sweep
+from mflightning.io import read_json
 from mflightning.sweep import SweepSettings, WidthSweep
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -48,7 +49,7 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_sweep_writes_report_curves_and_figures(tiny_sweep: tuple[Path, dict]) -> None:
     out, report = tiny_sweep
-    on_disk = json.loads((out / "report.json").read_text())
+    on_disk = read_json(out / "report.json")  # checksum verified and removed
     assert on_disk == json.loads(json.dumps(report))
     assert on_disk["widths"] == [16, 32] and on_disk["seeds"] == 2 and on_disk["particles"] == 128
     assert on_disk["horizon"] == pytest.approx(6 * 0.2)  # max_steps x the recipe's lr
@@ -155,7 +156,17 @@ def test_unwritable_report_folder_is_refused(tmp_path: Path) -> None:
 
 def test_unknown_recipe_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
-        sweep(["--config", DEMO, *TINY, "--out", str(tmp_path), "--model.init_args.momentum=0.9"])
+        main(
+            [
+                "sweep",
+                "--config",
+                DEMO,
+                *TINY,
+                "--out",
+                str(tmp_path),
+                "--model.init_args.momentum=0.9",
+            ]
+        )
     assert "momentum" in capsys.readouterr().err
 
 

@@ -8,6 +8,7 @@ whole record and 2/3/4 are its first/middle/last pieces. Each record is a ``wand
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -42,10 +43,25 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
+def finished_records(path: Path, timeout: float = 30.0) -> list[wandb_internal_pb2.Record]:
+    """The records of a finished run, once its ``exit`` record is on disk.
+
+    ``run.finish()`` can return before W&B's service has flushed the file (it may still hold
+    only its header), so wait for the log to be complete, up to ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
+        time.sleep(0.1)
+
+
 def summarize(path: Path) -> dict:
-    """Group, name, config keys, history keys and metric definitions of one offline run."""
+    """Group, name, config keys, history keys and metric definitions of one finished offline run."""
     run, config, history, metrics = None, {}, set(), {}
-    for record in read_records(path):
+    for record in finished_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run

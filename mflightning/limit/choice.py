@@ -77,17 +77,22 @@ def resolve_limit(kind: str, network: MeanFieldStack) -> Literal["particles", "r
     return "particles"
 
 
-def solver_network(network: MeanFieldStack, kind: str, atoms: int, seed: int = 0) -> MeanFieldStack:
-    """The network holding the solver's initial particles (or atoms), drawn with ``seed``.
+def solver_widths(network: MeanFieldStack, kind: str, atoms: int) -> list[int]:
+    """The hidden widths of the network holding the solver's particles (or atoms).
 
     The particle solver needs M neurons in every hidden layer. The reduced solver reads only
     the end layers (M atoms each) and the middle laws' means; for L >= 4 its middle widths are 1,
     so memory stays O(M) (for L <= 3 every hidden layer is an end layer).
     """
     depth = len(network.widths) + 1
-    widths = [atoms] * (depth - 1)
     if kind == "reduced" and depth >= MIN_REDUCED_DEPTH:
-        widths = [atoms] + [1] * (depth - 3) + [atoms]
+        return [atoms] + [1] * (depth - 3) + [atoms]
+    return [atoms] * (depth - 1)
+
+
+def solver_network(network: MeanFieldStack, kind: str, atoms: int, seed: int = 0) -> MeanFieldStack:
+    """The network holding the solver's initial particles (or atoms, ``solver_widths``)."""
+    widths = solver_widths(network, kind, atoms)
     return network.with_widths(widths, generator=torch.Generator().manual_seed(seed))
 
 
@@ -148,4 +153,5 @@ __all__ = [
     "reduced_support",
     "resolve_limit",
     "solver_network",
+    "solver_widths",
 ]

@@ -26,7 +26,11 @@ docs/guide/limit.md).
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -42,7 +46,27 @@ def saved_per_hidden_layer(activation: str) -> int:
     return 2 if activation in SAVES_INPUT else 1
 
 
-def solver_step_bytes(network: MeanFieldMLP, points: int, dtype: torch.dtype) -> int:
+def mlp_parameter_count(network: MeanFieldMLP, widths: Sequence[int] | None = None) -> int:
+    """Weights and biases of ``network.with_widths(widths)``, counted without building it.
+
+    ``n_params = sum_i n_{i-1} n_i`` (plus ``sum_i n_i`` with biases), with ``n_0 = d``, the
+    hidden widths ``n_1 .. n_{L-1}`` and ``n_L = out``. Python integers: no overflow, however
+    wide.
+
+    Args:
+        network: the architecture.
+        widths: its hidden widths (default: the network's own).
+    """
+    first, last = network.layers[0], network.layers[-1]
+    assert isinstance(first, MeanFieldLinear) and isinstance(last, MeanFieldLinear)
+    sizes = [first.in_features, *(network.widths if widths is None else widths), last.out_features]
+    weights = sum(a * b for a, b in itertools.pairwise(sizes))
+    return weights + (sum(sizes[1:]) if first.bias is not None else 0)
+
+
+def solver_step_bytes(
+    network: MeanFieldMLP, points: int, dtype: torch.dtype, widths: Sequence[int] | None = None
+) -> int:
     """Upper bound on one solver step's peak memory (see the module docstring for the terms).
 
     ``bytes = b (2 n_params + (sum_i k_i + 2) P max_i M_i + P (d + out))``.
@@ -51,6 +75,8 @@ def solver_step_bytes(network: MeanFieldMLP, points: int, dtype: torch.dtype) ->
         network: the width-M network whose neurons are the particles.
         points: P, the number of training points in the full batch.
         dtype: the solver's dtype (its ``itemsize`` is ``b``).
+        widths: the particle network's hidden widths M_i when they differ from ``network``'s:
+            the bound of ``network.with_widths(widths)``, computed without building it.
 
     Raises:
         TypeError: ``network`` is not a ``MeanFieldMLP``.
@@ -63,13 +89,36 @@ def solver_step_bytes(network: MeanFieldMLP, points: int, dtype: torch.dtype) ->
         )
     if isinstance(points, bool) or not isinstance(points, int) or points < 1:
         raise ValueError(f"`points` must be a positive integer (P), got {points!r}.")
-    n_params = sum(p.numel() for p in network.parameters())
+    widths = network.widths if widths is None else list(widths)
+    n_params = mlp_parameter_count(network, widths)
     hidden = network.activation_names[:-1]
     saved = sum(saved_per_hidden_layer(name) for name in hidden) + 2
     first, last = network.layers[0], network.layers[-1]
     assert isinstance(first, MeanFieldLinear) and isinstance(last, MeanFieldLinear)
     batch = points * (first.in_features + last.out_features)
-    return dtype.itemsize * (2 * n_params + saved * points * max(network.widths) + batch)
+    return dtype.itemsize * (2 * n_params + saved * points * max(widths) + batch)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``, or ``None`` where it cannot be read.
+
+    A CUDA device: its free memory (``torch.cuda.mem_get_info``); the CPU: ``MemAvailable`` of
+    ``/proc/meminfo`` (Linux), else the physical memory (``os.sysconf``).
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def largest_width(

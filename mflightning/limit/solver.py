@@ -29,11 +29,14 @@ from tqdm.auto import tqdm
 
 from mflightning.guards import DivergenceError, GradientNorms, divergence_message
 from mflightning.limit.coupling import Coupling, Method, couple
-from mflightning.losses import LossName, check_loss_name, mean_field_loss
-from mflightning.scaling import mean_field_layers, param_groups, time_step
+from mflightning.losses import LossName, check_loss_name, check_loss_outputs, mean_field_loss
+from mflightning.nn import check_positive_finite
+from mflightning.scaling import mean_field_layers, param_groups, readout_outputs, time_step
 from mflightning.stack import MeanFieldStack
 
 Batch = tuple[Tensor, Tensor]
+SOLVER_DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
+"""The particle dtypes a limit solver accepts, by name."""
 
 
 @contextlib.contextmanager
@@ -68,19 +71,47 @@ def _check_network(network: object) -> nn.Module:
     return network
 
 
+def check_solver_dtype(dtype: torch.dtype | str, name: str = "dtype") -> torch.dtype:
+    """The solver dtype ``dtype`` (a torch dtype or its name), refusing all but float64/float32.
+
+    Half precisions (float16, bfloat16) round away the O(lr) Euler updates of O(1) particles
+    (§E.2); the sweep's ``solver_dtype`` and the solvers' ``dtype`` share this check.
+
+    Raises:
+        ValueError: naming ``name``, the value and the accepted dtypes.
+    """
+    resolved = SOLVER_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if resolved is None or resolved not in SOLVER_DTYPES.values():
+        raise ValueError(
+            f"`{name}` must be float64 (default) or float32, got {dtype!r}: half precisions "
+            "round away the O(lr) Euler updates of O(1) particles (§E.2). Use float64."
+        )
+    return resolved
+
+
 def check_solver_args(lr: float, loss: str, dtype: torch.dtype) -> None:
     """Validate the ``lr``, ``loss`` and ``dtype`` arguments shared by the limit solvers.
 
     Raises:
         ValueError: naming the bad argument.
     """
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"`lr` must be a positive number (the Euler step h), got {lr!r}.")
+    check_positive_finite("lr", lr, "Pass the Euler step h, e.g. lr=0.1.")
     check_loss_name(loss)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
-            f"`dtype` must be a floating torch dtype such as torch.float64, got {dtype!r}."
-        )
+    check_solver_dtype(dtype)
+
+
+def _saved_tensors(state: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    """``(dotted key, tensor)`` for every tensor in a nested dict of saved state."""
+    if isinstance(state, Tensor):
+        yield prefix, state
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            yield from _saved_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def _finite(tensor: Tensor) -> bool:
+    """Whether a tensor holds no NaN or infinite value (integer tensors always do)."""
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
 
 
 class EulerSolver(ABC):
@@ -211,7 +242,31 @@ class EulerSolver(ABC):
                 raise ValueError("`data` yielded no batches.")
 
     def _check_saved(self, state_dict: dict[str, Any]) -> None:
-        """Refuse a ``state_dict`` saved with another ``lr`` or ``loss``."""
+        """Refuse a ``state_dict`` that is damaged or saved with another ``lr`` or ``loss``.
+
+        Damaged: a missing key, a step count that is not a non-negative integer (its time would
+        be negative), or NaN/infinite values in a saved tensor.
+        """
+        missing = [key for key in ("lr", "loss", "steps") if key not in state_dict]
+        if missing:
+            raise ValueError(
+                f"`state_dict` lacks {missing}: it is not a solver state; pass what the solver's "
+                "state_dict() returned."
+            )
+        steps = state_dict["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(
+                f"`state_dict` has steps={steps!r}, but a solver's step count is a non-negative "
+                "integer: the saved state is damaged; pass an intact state_dict() or start a "
+                "fresh solver."
+            )
+        bad = [name for name, value in _saved_tensors(state_dict) if not _finite(value)]
+        if bad:
+            raise ValueError(
+                f"`state_dict` holds NaN or infinite values in {bad[:5]}: the saved state is "
+                "damaged (or was saved after a divergence); pass an intact state_dict() or start "
+                "a fresh solver."
+            )
         for key in ("lr", "loss"):
             if state_dict[key] != getattr(self, key):
                 raise ValueError(
@@ -260,6 +315,7 @@ class ParticleLimitSolver(EulerSolver):
     ) -> None:
         _check_network(network)
         check_solver_args(lr, loss, dtype)
+        check_loss_outputs(loss, readout_outputs(network))
         self.lr = float(lr)
         self.loss: LossName = loss
         self.dtype = dtype
@@ -334,7 +390,8 @@ class ParticleLimitSolver(EulerSolver):
         """Resume exactly from ``state_dict`` (same architecture, ``lr`` and ``loss``).
 
         Raises:
-            ValueError: the state was saved with another ``lr`` or ``loss``.
+            ValueError: the state was saved with another ``lr`` or ``loss``, or is damaged
+                (NaN/infinite particles, a negative step count).
         """
         self._check_saved(state_dict)
         self._network.load_state_dict(state_dict["particles"])
