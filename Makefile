@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check mflightning tests benchmarks
 	$(PY) -m mypy mflightning
-	$(PY) -m pytest -m "not slow" --timeout=600
+	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --timeout=600
 
 # on a GPU machine (see docs/benchmarks.md for the device set-up)
 test-gpu: $(STAMP)

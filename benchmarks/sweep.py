@@ -53,7 +53,7 @@ def _prepared_sweep(
         networks[key], couplings[key] = solver.couple(
             widths_, generator=torch.Generator().manual_seed(key[1]), dtype=torch.float32
         )
-    snapshots, _ = sweep._record_limit(couplings, probe)
+    snapshots, _ = sweep._record_limit(solver, couplings, probe, None)
     return sweep, {"networks": networks, "snapshots": snapshots, "probe": probe}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,16 +26,31 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test`) the workers share the cores: split torch's threads.
+
+    Two workers with two threads each on a 2-core machine spend their time waiting on each other.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+
+
 def loglog_slope(widths: list[int] | np.ndarray, values: list[float] | np.ndarray) -> float:
     """Least-squares slope of log(value) against log(width)."""
     return float(np.polyfit(np.log(widths), np.log(values), 1)[0])
 
 
-@pytest.fixture(autouse=True)
-def _wandb_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep W&B quiet and offline in every test."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+@pytest.fixture(autouse=True, scope="session")
+def _wandb_offline() -> Iterator[None]:
+    """Keep W&B quiet and offline in every test, module-scoped fixtures included.
+
+    Session-wide: a module-scoped fixture is set up before any function-scoped one, and the
+    first W&B call of the process fixes the mode of W&B's process-wide settings.
+    """
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        yield
 
 
 @pytest.fixture
@@ -72,12 +88,7 @@ def coupled_output_gaps(
             mean_field_loss("half_mse", small(x), y).backward()
             optimizer.step()
         solver.step(x, y)
-    limit = solver(probe)
-    return [
-        float(
-            np.sqrt(
-                np.mean([float(output_gap(runs[w, s][0](probe), limit)) ** 2 for s in range(seeds)])
-            )
-        )
-        for w in widths
-    ]
+    with torch.no_grad():
+        limit = solver(probe)
+        gaps = {key: float(output_gap(small(probe), limit)) for key, (small, _) in runs.items()}
+    return [float(np.sqrt(np.mean([gaps[w, s] ** 2 for s in range(seeds)]))) for w in widths]

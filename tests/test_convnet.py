@@ -59,7 +59,10 @@ def test_bad_convnet_arguments(kwargs: dict, argument: str) -> None:
 
 
 def test_coupled_output_gap_shrinks_with_the_channel_count() -> None:
-    """Coupling by channel subsampling (§B.4): per-seed RMS output gap ~ C^{-1/2}."""
+    """Coupling by channel subsampling (§B.4): per-seed RMS output gap ~ C^{-1/2}.
+
+    24 seeds: the slope's seed noise is about 0.1 (-0.41 to -0.68 over five data seeds).
+    """
     g = torch.Generator().manual_seed(0)
     x = torch.randn(48, 1, 6, 6, generator=g, dtype=torch.float64)
     y = torch.sign(
@@ -67,9 +70,9 @@ def test_coupled_output_gap_shrinks_with_the_channel_count() -> None:
         + 0.1 * torch.randn(48, generator=g, dtype=torch.float64)
     )
     probe = torch.randn(64, 1, 6, 6, generator=g, dtype=torch.float64)
-    channels, seeds, steps, lr = [8, 16, 32], 6, 10, 0.2
+    channels, seeds, steps, lr = [4, 8, 16, 32], 24, 10, 0.2
     solver = ParticleLimitSolver(
-        _net(256, generator=torch.Generator().manual_seed(1)), lr=lr, loss="half_mse"
+        _net(128, generator=torch.Generator().manual_seed(1)), lr=lr, loss="half_mse"
     )
     rms = coupled_output_gaps(solver, channels, seeds, (x, y), probe, steps)
     slope = loglog_slope(channels, rms)

@@ -150,9 +150,18 @@ def test_exact_with_biases(depth: int, frozen: tuple[str, ...]) -> None:
     torch.testing.assert_close(reduced.fields["b1"], brute.network.layer1.bias, rtol=0, atol=1e-12)
 
 
-def test_shared_atom_gap_shrinks_like_one_over_m() -> None:
-    """tau_i = 0.5, shared end atoms: ||y_S - y_R|| / ||y_S|| ~ M^-1 (§D.3 found -0.96)."""
-    widths = [128, 256, 512, 1024]
+@pytest.mark.parametrize(
+    "widths",
+    [
+        pytest.param([128, 256, 512, 1024], marks=pytest.mark.slow, id="M1024"),
+        pytest.param([64, 128, 256, 512], id="M512"),
+    ],
+)
+def test_shared_atom_gap_shrinks_like_one_over_m(widths: list[int]) -> None:
+    """tau_i = 0.5, shared end atoms: ||y_S - y_R|| / ||y_S|| ~ M^-1 (§D.3 found -0.96).
+
+    Seeds 0-3 give slopes -0.85 (M up to 1024) and -1.18 (M up to 512; seeds 4-7: -0.89).
+    """
     gaps = [
         np.mean(
             [relative_gap(*solve_both(reduced_net([m] * 3, 0.5, seed))[:2]) for seed in range(4)]

@@ -9,6 +9,7 @@ import json
 import math
 import pickle
 import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -253,6 +254,9 @@ def _tracked_fit(root: Path, callbacks: list, ckpt_path: Path | None = None) -> 
     return module, tracker, logger
 
 
+# on purpose: the resumed fit has no checkpoint callback, and 11 steps log only the tracker's rows
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to")
+@pytest.mark.filterwarnings("ignore:The number of training batches")
 def test_interrupted_minibatch_fit_resumes_bit_identically(tmp_path: Path) -> None:
     full_module, full_tracker, full_logger = _tracked_fit(tmp_path / "full", [])
     ckpt = tmp_path / "ckpt"
@@ -420,13 +424,20 @@ def test_online_without_network_falls_back_quickly(
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_BASE_URL", "https://api.wandb.invalid")
-    if hang:  # a DNS lookup or connect that never returns
+    released = threading.Event()
+
+    def hanging_connect(*args, **kwargs):  # a DNS lookup or connect that hangs, then times out
+        released.wait(30)
+        raise TimeoutError("timed out")
+
+    if hang:
         monkeypatch.setattr(wl, "PROBE_TIMEOUT_S", 0.5)
-        monkeypatch.setattr(wl.socket, "create_connection", lambda *a, **k: time.sleep(30))
+        monkeypatch.setattr(wl.socket, "create_connection", hanging_connect)
     start = time.monotonic()
     with pytest.warns(wl.WandbOfflineFallback, match=r"unreachable.*offline"):
         assert wl.resolve_mode("auto") == "offline"
     assert time.monotonic() - start < 10
+    released.set()  # the probe's thread times out now instead of outliving the test
 
 
 def test_offline_fallback_run_logs_without_network(

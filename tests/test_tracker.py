@@ -29,8 +29,9 @@ def _data(batch_size: int | None = None) -> IsotropicGaussians:
 def _trainer(tmp_path: Path, max_steps: int, callbacks: list, **kwargs) -> Trainer:
     defaults = dict(
         default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=max_steps,
-        logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, enable_checkpointing=False, callbacks=callbacks,
+        logger=CSVLogger(tmp_path), log_every_n_steps=1, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False,
+        callbacks=callbacks,
     )  # fmt: skip
     return Trainer(**(defaults | kwargs))
 
@@ -74,7 +75,8 @@ def test_coupled_small_network_starts_on_its_ideal_particles(tmp_path: Path) -> 
     tracker = LimitTracker(particles=128, every_n_steps=5, probe=_probe()[0], seed=7)
     _trainer(tmp_path, 10, [tracker]).fit(module, _data())
     (metrics_file,) = tmp_path.glob("**/metrics.csv")
-    rows = [r for r in csv.DictReader(metrics_file.open()) if r.get("limit/output_gap")]
+    with metrics_file.open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("limit/output_gap")]
     assert [int(r["step"]) for r in rows] == [0, 5, 10]
     start = rows[0]
     for i in (1, 2, 3):
@@ -112,9 +114,10 @@ def test_resume_continues_the_same_limit_trajectory(tmp_path: Path) -> None:
 
     full_module, full_tracker = run(tmp_path / "full", 6)
     run(tmp_path / "part", 3)
-    (ckpt,) = (tmp_path / "part" / "ckpt").glob("*.ckpt")
+    (saved,) = (tmp_path / "part" / "ckpt").glob("*.ckpt")
+    ckpt = saved.rename(tmp_path / saved.name)  # resumed in place, into an empty ckpt folder
     torch.load(ckpt, weights_only=True)  # the tracker state is plain data
-    resumed_module, resumed_tracker = run(tmp_path / "resumed", 6, ckpt_path=ckpt)
+    resumed_module, resumed_tracker = run(tmp_path / "part", 6, ckpt_path=ckpt)
     for a, b in zip(full_module.parameters(), resumed_module.parameters(), strict=True):
         assert torch.equal(a, b)
     full_state = full_tracker.solver.state_dict()["particles"]
