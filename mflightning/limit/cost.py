@@ -172,4 +172,7 @@ def default_atoms(
             low = middle
         else:
             high = middle
-    return max(smallest, 64 * math.floor(low / 64))
+    atoms = max(smallest, 64 * math.floor(low / 64))
+    while step_seconds(atoms + 64, in_features, batch, depth, coupled, cost) < per_step:
+        atoms += 64  # the bisection stops within 64 atoms: take the last multiple that fits
+    return atoms
