@@ -163,16 +163,14 @@ def default_atoms(
     per_step = budget_s / steps
     if step_seconds(smallest, in_features, batch, depth, coupled, cost) >= per_step:
         return smallest
-    low, high = smallest, smallest  # step_seconds grows with M: bracket, then bisect
-    while step_seconds(high, in_features, batch, depth, coupled, cost) < per_step:
+
+    def fits(units: int) -> bool:  # M = 64 units
+        return step_seconds(64 * units, in_features, batch, depth, coupled, cost) < per_step
+
+    low, high = math.ceil(smallest / 64), math.ceil(smallest / 64) + 1  # step_seconds grows
+    while fits(high):  # bracket: fits(low), not fits(high)
         low, high = high, 2 * high
-    while high - low > 64:
+    while high - low > 1:
         middle = (low + high) // 2
-        if step_seconds(middle, in_features, batch, depth, coupled, cost) < per_step:
-            low = middle
-        else:
-            high = middle
-    atoms = max(smallest, 64 * math.floor(low / 64))
-    while step_seconds(atoms + 64, in_features, batch, depth, coupled, cost) < per_step:
-        atoms += 64  # the bisection stops within 64 atoms: take the last multiple that fits
-    return atoms
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return max(smallest, 64 * low)

@@ -143,9 +143,10 @@ class Kernel:
             identity; ``c = a = 1``, ``e = 0``), writes ``phi'(u)`` over ``u``: the backward
             pass then needs only the slope, ``dL/dR`` coming from the same contraction as
             ``dL/dtheta`` (``A[p, k] = D[p, k] (X[p] . theta[k] + b[k])``).
-        value_slope: ``(core(z), out) -> core'(z)`` written into ``out``, where the core's
-            derivative is a function of its value (identity, relu, sigmoid); such layers keep
-            their forward values for the backward pass when they fit ``CACHE_ELEMENTS``.
+        value_slope: ``(core(z), out) -> core'(z)`` written into ``out`` (which may be the
+            values themselves), where the core's derivative is a function of its value
+            (identity, relu, sigmoid); such layers keep their forward values for the backward
+            pass when they fit ``CACHE_ELEMENTS``, and need no second chunk buffer.
     """
 
     core: Core
@@ -470,7 +471,8 @@ def _backward_part(
         paired = paired.reshape(layer.size, outputs * width)
     size = min(chunk, layer.size)
     values_space = workspace.flat("values", x, rows * size)
-    slope_space = None if homogeneous else workspace.flat("slope", x, rows * size)
+    separate = kernel.homogeneous_slope is None and kernel.value_slope is None
+    slope_space = workspace.flat("slope", x, rows * size) if separate else None
     contracted_space = workspace.flat("contracted", x, mixed.shape[0] * size)
     # dL/d(readout field) = (a G.T @ core + e sum_p G) / M
     readout_shift = kernel.shift * grad.sum(0)[:, None] / layer.count
@@ -485,18 +487,15 @@ def _backward_part(
             values = kept[rows * atoms.start : rows * atoms.stop].view(rows, n)
         else:
             u = _preactivation(scaled, theta, bias, _buffer(values_space, rows, n))
+        slope: Tensor | None = None
         if kernel.homogeneous_slope is not None:  # written over u, or over relu(u) > 0 <=> u > 0
-            slope: Tensor | None = kernel.homogeneous_slope(u if kept is None else values)
+            slope = kernel.homogeneous_slope(u if kept is None else values)
         else:
-            slope = None
-            if contract or input_grad:
-                assert slope_space is not None  # allocated for every non-homogeneous kernel
-                slope = _buffer(slope_space, rows, n)
             if kept is None:
+                if kernel.value_slope is None and (contract or input_grad):
+                    assert slope_space is not None  # allocated for these kernels
+                    slope = _buffer(slope_space, rows, n)
                 values = kernel.core(u, slope)
-            elif slope is not None:
-                assert kernel.value_slope is not None  # values are kept only with one
-                kernel.value_slope(values, slope)
             if "readout" in steps:
                 if outputs == 1:
                     readout_grad = torch.addmv(
@@ -504,6 +503,8 @@ def _backward_part(
                     )[None, :]
                 else:
                     readout_grad = torch.addmm(readout_shift, grad.T, values, alpha=readout_weight)
+            if kernel.value_slope is not None and (contract or input_grad):
+                slope = kernel.value_slope(values, values)  # in place: the values are used up
         if contract:
             assert slope is not None  # computed whenever contract
             contracted = _buffer(contracted_space, mixed.shape[0], n)
