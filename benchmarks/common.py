@@ -105,7 +105,19 @@ def _sample_ms(case: Case, inner: int, device: str) -> float:
     return (time.perf_counter() - start) * 1e3 / inner
 
 
-def measure(cases: Mapping[str, Case], settings: Settings) -> dict[str, float]:
+class Timings(dict[str, float]):
+    """Median milliseconds per ``run`` of each case (the mapping), and every sample.
+
+    Attributes:
+        samples: ``{name: [ms per run of each timed sample]}``.
+    """
+
+    def __init__(self, medians: dict[str, float], samples: dict[str, list[float]]) -> None:
+        super().__init__(medians)
+        self.samples = samples
+
+
+def measure(cases: Mapping[str, Case], settings: Settings) -> Timings:
     """Median milliseconds per ``run`` of every case, measured with interleaved repeats.
 
     Every case is warmed up, then each round times one sample of every case, in an order that
@@ -116,7 +128,7 @@ def measure(cases: Mapping[str, Case], settings: Settings) -> dict[str, float]:
         settings: repeats, warm-up and the minimum sample length.
 
     Returns:
-        ``{name: median ms per run}``.
+        ``{name: median ms per run}``, with the samples in ``samples``.
     """
     inner: dict[str, int] = {}
     for name, case in cases.items():
@@ -131,7 +143,8 @@ def measure(cases: Mapping[str, Case], settings: Settings) -> dict[str, float]:
     for round_ in range(settings.repeats):
         for name in names if round_ % 2 == 0 else reversed(names):
             samples[name].append(_sample_ms(cases[name], inner[name], settings.device))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return Timings(medians, samples)
 
 
 @dataclass

@@ -55,11 +55,11 @@ from mflightning.limit.choice import (
     AnyCoupling,
     LimitSolver,
     build_solver,
-    default_reduced_atoms,
     exact_beside,
     resolve_limit,
     solver_widths,
 )
+from mflightning.limit.cost import default_atoms
 from mflightning.limit.memory import available_memory, mlp_parameter_count, solver_step_bytes
 from mflightning.limit.snapshot import LimitSnapshot, gaps_to_limit, take_snapshot
 from mflightning.limit.solver import check_solver_dtype
@@ -91,6 +91,8 @@ from mflightning.wandb_logging import (
     set_aside_offline_runs,
 )
 
+REDUCED_BUDGET_S = 60.0  # target time of a reduced limit pass with default M
+DEFAULT_BATCH = 256  # batch size assumed by the cost model when the data module has none
 TRAINER_KEYS = ("accelerator", "precision", "deterministic")
 FRESH_START = (
     "start afresh with --sweep.overwrite true (`overwrite=True`: deletes the runs, limit, report "
@@ -108,7 +110,7 @@ class SweepSettings:
             resample them).
         particles: M of the limit solver that runs: neurons per hidden layer of the particle
             solver (default 8 x the largest width, §B.4), atoms per end layer of the reduced
-            solver (default ``default_reduced_atoms``).
+            solver (default: a measured cost model, ``_default_particles``).
         limit: ``"auto"`` (the exact reduced limit for every deep iid MLP it supports, the
             particle solver otherwise), ``"particles"`` or ``"reduced"``
             (``mflightning.limit.choice``).
@@ -463,11 +465,22 @@ class WidthSweep:
     # --- the limit ----------------------------------------------------------------------------
 
     def _default_particles(self) -> int:
-        """M when the recipe gives none: 8 x the largest width, or the reduced cost model."""
+        """M when the recipe gives none: 8 x the largest width, or the reduced cost model.
+
+        For a reduced reference (L >= 4) M is the largest number of end atoms whose limit pass,
+        with every run of the sweep coupled to it, takes about ``REDUCED_BUDGET_S`` seconds on
+        this CPU (``mflightning.limit.cost.default_atoms``), and at least 16 x the largest width.
+        """
         largest = max(self.settings.widths)
-        if self.limit_kind == "reduced" and len(self.network.widths) + 1 >= MIN_REDUCED_DEPTH:
-            return default_reduced_atoms(largest)
-        return 8 * largest
+        depth = len(self.network.widths) + 1
+        if self.limit_kind != "reduced" or depth < MIN_REDUCED_DEPTH:
+            return 8 * largest
+        batch = getattr(self.datamodule, "batch_size", None) or DEFAULT_BATCH
+        coupled = [
+            [w] * (depth - 1) for w in self.settings.widths for _ in range(self.settings.seeds)
+        ]
+        features = int(self.network.to_config()["init_args"]["in_features"])
+        return default_atoms(features, int(batch), depth, self.steps, coupled, REDUCED_BUDGET_S)
 
     def _solver(self) -> LimitSolver:
         return build_solver(

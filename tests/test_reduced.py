@@ -21,9 +21,13 @@ from mflightning import (
     TrivialLimitWarning,
     param_groups,
 )
+from mflightning.activations import ACTIVATIONS
 from mflightning.degeneracy import effective_rank, middle_displacement_variance
 from mflightning.functional import coupled_deviation, neuron_spread
 from mflightning.guards import DivergenceError
+from mflightning.limit import endatoms
+from mflightning.limit.cost import ReducedCost, default_atoms, step_seconds
+from mflightning.limit.endatoms import KERNELS
 from mflightning.losses import mean_field_loss
 from mflightning.scaling import mean_field_layers
 
@@ -542,3 +546,375 @@ def test_middle_displacement_variance_matches_numpy() -> None:
     )
     with pytest.raises(ValueError, match="same shape"):
         middle_displacement_variance(w_now, w_init[:, :4])
+
+
+# --- chunked end-atom passes against a plain unchunked reference ---------------------------------
+
+
+def field_layer(name: str) -> int:
+    """The layer index of a reduced field or tracer name (``w3#`` -> 3, ``g2:atoms1`` -> 2)."""
+    return int("".join(ch for ch in name.split(":")[0] if ch.isdigit()))
+
+
+class UnchunkedReference:
+    """The reduced Euler step computed plainly: autograd through the whole §B.3 forward pass
+    (every P x M intermediate at once), tracers as zero-valued ``z - z.detach()`` terms, then
+    ``f <- f - lr m dLoss/df`` with the multipliers m of the module docstring of
+    ``mflightning.limit.reduced``. Built from the network and the solver's t = 0 state."""
+
+    def __init__(
+        self, net: MeanFieldMLP, fields: dict[str, Tensor], tracers: list[dict[str, Tensor]]
+    ) -> None:
+        self.layers = [getattr(net, f"layer{i}") for i in range(1, net.depth + 1)]
+        self.depth = len(self.layers)
+        self.phi = [
+            getattr(torch, a) if a in ("tanh", "sigmoid", "sin") else ACTS[a]
+            for a in net.activation_names
+        ]
+        self.mu = {i: float(self.layers[i - 1].init_law.mean) for i in range(2, self.depth)}
+        self.fields = {name: value.clone() for name, value in fields.items()}
+        self.tracers = [{name: value.clone() for name, value in t.items()} for t in tracers]
+        self.m1, self.m_last = fields["w1"].shape[0], fields[f"w{self.depth}"].shape[1]
+
+    def multiplier(self, name: str) -> float:
+        i, depth, m1, m_last = field_layer(name), self.depth, self.m1, self.m_last
+        if i == 1:
+            return m1
+        if i == depth:
+            return m_last if name.startswith("w") else 1.0
+        if depth == 3:
+            return m1 * m_last if name.startswith("g") else m_last
+        if i == depth - 1:
+            return m_last
+        return m1 if name.startswith("g") else 1.0
+
+    def forward(self, x: Tensor, f: dict[str, Tensor], tracers: list[dict[str, Tensor]]) -> Tensor:
+        phi, mu, depth = self.phi, self.mu, self.depth
+        scale = self.layers[0].forward_scale
+
+        def ghost(z: Tensor) -> Tensor:
+            return z - z.detach()
+
+        def first(t: dict[str, Tensor]) -> Tensor:
+            return phi[0](scale * (x @ t["w1"].T) + t.get("b1", 0.0))
+
+        a1, ta = first(f), [first(t) for t in tracers]
+        m1, m_last = self.m1, self.m_last
+        if depth == 2:
+            out = a1 @ f["w2"].T / m1
+            for t, a in zip(tracers, ta, strict=True):
+                out = out + ghost(a @ t["w2"].T) / m1
+        elif depth == 3:
+            h2 = a1 @ (mu[2] + f["g2"]).T / m1 + f.get("b2", 0.0)
+            for t, a in zip(tracers, ta, strict=True):
+                h2 = h2 + ghost(a @ (mu[2] + t["g2:atoms3"]).T) / m1
+            out = phi[1](h2) @ f["w3"].T / m_last
+            for t, a in zip(tracers, ta, strict=True):
+                own = a1.detach() @ (mu[2] + t["g2:atoms1"]).T / m1 + t.get("b2", 0.0)
+                own = own + ghost(a.detach() @ t["g2"].T) / m1
+                out = out + ghost(phi[1](own) @ t["w3"].T) / m_last
+        else:
+            h = a1 @ (mu[2] + f["g2"]) / m1 + f.get("b2", 0.0)
+            for t, a in zip(tracers, ta, strict=True):
+                h = h + ghost(a @ (mu[2] + t["g2"])) / m1
+            for i in range(3, depth - 1):
+                h = (mu[i] + f[f"w{i}#"]) * phi[i - 2](h) + f.get(f"b{i}", 0.0)
+            feature, g = phi[depth - 3](h), f"g{depth - 1}"
+            bias = f.get(f"b{depth - 1}", 0.0)
+            out = (
+                phi[depth - 2](feature[:, None] * (mu[depth - 1] + f[g]) + bias)
+                @ f[f"w{depth}"].T
+                / m_last
+            )
+            for t in tracers:
+                own = phi[depth - 2](
+                    feature.detach()[:, None] * (mu[depth - 1] + t[g]) + t.get(f"b{depth - 1}", 0.0)
+                )
+                out = out + ghost(own @ t[f"w{depth}"].T) / m_last
+        return phi[depth - 1](out + f.get(f"b{depth}", 0.0))
+
+    def trainable(self, name: str) -> bool:
+        return not self.layers[field_layer(name) - 1].frozen
+
+    def step(self, x: Tensor, y: Tensor, loss_name: str) -> float:
+        f = {n: v.detach().requires_grad_(self.trainable(n)) for n, v in self.fields.items()}
+        tracers = [
+            {n: v.detach().requires_grad_(self.trainable(n)) for n, v in t.items()}
+            for t in self.tracers
+        ]
+        loss = mean_field_loss(loss_name, self.forward(x, f, tracers), y)
+        leaves = [(n, v) for n, v in f.items() if v.requires_grad]
+        leaves += [(n, v) for t in tracers for n, v in t.items() if v.requires_grad]
+        grads = torch.autograd.grad(loss, [v for _, v in leaves])
+        with torch.no_grad():
+            for (name, leaf), grad in zip(leaves, grads, strict=True):
+                leaf.sub_(grad, alpha=LR * self.multiplier(name))
+        return loss.item()
+
+
+ACTS = {
+    "relu": torch.relu,
+    "identity": lambda z: z,
+    "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu,
+    "softplus": torch.nn.functional.softplus,
+}
+
+
+CHUNK_CASES = [
+    # depth, first / middle activations, frozen layers, outputs, biases, loss
+    (2, ("relu", "tanh"), (), 1, False, "half_mse"),
+    (2, ("gelu", "tanh"), (), 2, True, "mse"),
+    (3, ("relu", "tanh"), (), 2, True, "mse"),
+    (3, ("relu", "tanh"), ("input", "readout"), 1, True, "mse"),
+    (4, ("relu", "tanh"), (), 1, False, "half_mse"),
+    (4, ("silu", "sigmoid"), (), 3, True, "cross_entropy"),
+    (4, ("relu", "tanh"), ("input", "readout"), 1, True, "mse"),
+    (5, ("relu", "tanh"), (), 1, False, "half_mse"),
+    (5, ("softplus", "sin"), (), 2, True, "mse"),
+    (5, ("relu", "gelu"), ("layer3",), 1, True, "mse"),
+    (5, ("relu", "tanh"), ("layer2", "layer4"), 1, True, "mse"),
+]
+
+
+def chunk_case_net(depth, acts, frozen, outputs, bias, seed=7) -> MeanFieldMLP:
+    gen = torch.Generator().manual_seed(seed)
+    net = MeanFieldMLP(
+        5,
+        [20, 9, 8, 23][: depth - 1] if depth > 2 else [20],
+        out_features=outputs,
+        activations=[acts[0]] + [acts[1]] * (depth - 2) + ["identity"],
+        init=[Normal(0.1, 1.0)] + [Normal(0.7, 0.5)] * (depth - 2) + [Normal(0.2, 1.0)],
+        bias=bias,
+        bias_init=Normal(0.3, 0.0),
+        frozen=frozen,
+        input_scale=0.7,
+        generator=gen,
+    )
+    if bias:
+        with torch.no_grad():
+            for i in {1, depth - 1, depth}:
+                getattr(net, f"layer{i}").bias.normal_(generator=gen)
+    return net
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count for a test; restored afterwards."""
+    previous = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize(("kept", "workers"), [(True, 1), (False, 1), (True, 3), (False, 3)])
+@pytest.mark.parametrize("case", range(len(CHUNK_CASES)))
+def test_chunked_steps_match_unchunked_reference(
+    case: int, kept: bool, workers: int, monkeypatch, threads
+) -> None:
+    """Chunks of 7 atoms (ragged last chunk) and two coupled networks: losses, every field,
+    every tracer and the outputs equal the plain autograd step to 1e-12 after 6 steps; with
+    the forward values kept for the backward pass, and recomputed (``CACHE_ELEMENTS = 0``);
+    by the calling thread, and split over 3 worker threads (``MIN_PART = 1``)."""
+    if not kept:
+        monkeypatch.setattr(endatoms, "CACHE_ELEMENTS", 0)
+    monkeypatch.setattr(endatoms, "MIN_PART", 1)
+    threads(workers)
+    depth, acts, frozen, outputs, bias, loss = CHUNK_CASES[case]
+    net = chunk_case_net(depth, acts, frozen, outputs, bias)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(30, 5, generator=gen)
+    y = (
+        torch.randint(0, outputs, (30,), generator=gen)
+        if loss == "cross_entropy"
+        else torch.tanh(x[:, :outputs] + 0.3 * torch.randn(30, outputs, generator=gen))
+    )
+    solver = ReducedLimitSolver(net, LR, loss, chunk_size=7)
+    couplings = [
+        solver.couple(widths, generator=torch.Generator().manual_seed(k))[1]
+        for k, widths in enumerate([[5, 4, 3, 6][: depth - 1], [11, 3, 2, 9][: depth - 1]])
+    ]
+    reference = UnchunkedReference(net, solver.fields, [c.tracers for c in couplings])
+    start = {name: value.clone() for name, value in solver.fields.items()}
+    losses = solver.run((x, y), 6, progress=False)
+    expected = [reference.step(x, y, loss) for _ in range(6)]
+    np.testing.assert_allclose(losses, expected, rtol=0, atol=1e-12)
+    assert losses[-1] < losses[0]
+    split = workers == 3 and depth != 3  # L = 3 keeps the unchunked table pass
+    assert len(solver._workspace._workers) == (3 if split else 0)  # the split ran
+    assert torch.get_num_threads() == workers  # the workers' set-up left it as it was
+    for name, value in solver.fields.items():
+        torch.testing.assert_close(value, reference.fields[name], rtol=0, atol=1e-12)
+        assert torch.equal(value, start[name]) != reference.trainable(name), name  # moved
+    for coupling, tracers in zip(couplings, reference.tracers, strict=True):
+        for name, value in coupling.tracers.items():
+            torch.testing.assert_close(value, tracers[name], rtol=0, atol=1e-12, msg=name)
+    with torch.no_grad():
+        expected_out = reference.forward(x, reference.fields, [])
+    torch.testing.assert_close(solver(x), expected_out, rtol=0, atol=1e-12)
+
+
+def test_chunk_size_does_not_change_results() -> None:
+    """One chunk, chunks of 1 atom, and the default give the same trajectory to rounding."""
+    data = reduced_data()
+    results = []
+    for chunk in (None, 1, 1000):
+        solver = ReducedLimitSolver(
+            reduced_net([40, 4, 4, 33], 0.5), LR, "half_mse", chunk_size=chunk
+        )
+        results.append((solver.run(data, 4, progress=False), solver(data[0])))
+    for losses, out in results[1:]:
+        np.testing.assert_allclose(losses, results[0][0], rtol=0, atol=1e-13)
+        torch.testing.assert_close(out, results[0][1], rtol=0, atol=1e-13)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="`chunk_size`"):
+            ReducedLimitSolver(reduced_net([8, 8, 8], 0.5), LR, chunk_size=bad)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_kernels_match_torch_activations_and_autograd(name: str) -> None:
+    """Each end-layer kernel is the activation, and its slope torch's derivative, to 1e-15."""
+    u = torch.cat([torch.linspace(-30, 30, 601), torch.randn(400, generator=torch.Generator())])
+    u = u.double().requires_grad_()
+    value = ACTIVATIONS[name].fn(u)
+    (slope,) = torch.autograd.grad(value.sum(), u)
+    kernel = KERNELS[name]
+    torch.testing.assert_close(kernel(u.detach()), value.detach(), rtol=0, atol=2e-15)
+    torch.testing.assert_close(kernel.slope(u.detach()), slope, rtol=0, atol=2e-15)
+    if kernel.value_slope is not None:  # the slope from the core's value
+        core_value = kernel.core(kernel.inner * u.detach(), None)
+        from_value = kernel.value_slope(core_value, torch.empty_like(core_value))
+        torch.testing.assert_close(
+            from_value * kernel.inner * kernel.outer, slope, rtol=0, atol=2e-15
+        )
+    if kernel.homogeneous_slope is not None:  # phi(u) = u phi'(u), phi' written over u
+        homogeneous = kernel.homogeneous_slope(u.detach().clone())
+        torch.testing.assert_close(homogeneous, slope, rtol=0, atol=0)
+        torch.testing.assert_close(u.detach() * homogeneous, value.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("depth", [2, 3, 5])
+def test_wrong_feature_count_is_refused_by_name(depth: int) -> None:
+    solver = ReducedLimitSolver(reduced_net([8] * (depth - 1), 0.5), LR)
+    x, y = reduced_data()
+    for bad in (x[:, :4], x[:, :, None], x[0]):
+        with pytest.raises(ValueError, match=r"`x` must have shape \(batch, 5\).*in_features=5"):
+            solver.step(bad, y)
+        with pytest.raises(ValueError, match=r"`x` must have shape \(batch, 5\)"):
+            solver(bad)
+    assert solver.steps == 0
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda s: s["fields"]["w1"].__setitem__((0, 0), float("nan")), r"NaN or infinite.*w1"),
+        (lambda s: s["fields"]["g2"].__setitem__(3, float("inf")), r"NaN or infinite.*g2"),
+        (lambda s: s.__setitem__("steps", -5), "steps=-5"),
+        (lambda s: s.__setitem__("steps", 2.5), "steps=2.5"),
+    ],
+)
+def test_load_state_dict_refuses_corrupt_states(edit, match: str) -> None:
+    """Issue 13: NaN/inf fields and negative step counts are refused; the state is unchanged."""
+    solver = ReducedLimitSolver(reduced_net([16, 8, 16], 0.5), LR)
+    solver.run(reduced_data(), 2, progress=False)
+    state = solver.state_dict()
+    edit(state)
+    fresh = ReducedLimitSolver(reduced_net([16, 8, 16], 0.5), LR)
+    before = {name: value.clone() for name, value in fresh.fields.items()}
+    with pytest.raises(ValueError, match=match):
+        fresh.load_state_dict(state)
+    assert fresh.steps == 0
+    assert all(torch.equal(value, before[name]) for name, value in fresh.fields.items())
+
+
+def test_float32_solver_follows_float64() -> None:
+    """dtype=float32 (fields, chunks and sums in float32) stays within 1e-5 of float64 over 10
+    steps at M = 512, far below the O(M^-1/2) ~ 4e-2 particle error."""
+    x, y = reduced_data()
+    net = reduced_net([512, 4, 4, 512], 0.5)
+    solvers = [
+        ReducedLimitSolver(net, LR, "half_mse", dtype) for dtype in (torch.float64, torch.float32)
+    ]
+    for solver in solvers:
+        solver.run((x, y), 10, progress=False)
+    out64, out32 = solvers[0](x), solvers[1](x)
+    assert out32.dtype == torch.float32
+    gap = ((out32.double() - out64).norm() / out64.norm()).item()
+    assert 1e-9 < gap < 1e-5
+
+
+@pytest.mark.parametrize("depth", [2, 3, 5])
+def test_update_sizes_are_the_rms_displacements(depth: int) -> None:
+    """The sizes a divergence message reports are RMS(f(t+h) - f(t)) of the last step."""
+    net = biased_net(depth, [16, 12, 10, 14][: depth - 1])
+    solver = ReducedLimitSolver(net, LR, chunk_size=5)
+    data = reduced_data(40)
+    solver.step(*data)
+    before = {name: value.clone() for name, value in solver.fields.items()}
+    solver.step(*data)
+    sizes = solver._update_sizes()
+    assert sizes.keys() == before.keys()
+    for name, size in sizes.items():
+        moved = (solver.fields[name] - before[name]).pow(2).mean().sqrt().item()
+        assert size == pytest.approx(moved, rel=1e-9), name
+    diverging = ReducedLimitSolver(net, 1e6, chunk_size=5)
+    with pytest.raises(DivergenceError, match=r"largest last update: \w+ \(lr \* RMS grad = "):
+        diverging.run(data, 50, progress=False)
+
+
+# --- the cost model of the reduced step ------------------------------------------------------
+
+
+def test_step_seconds_is_the_documented_formula() -> None:
+    """Hand-computed from the module docstring's formula with round coefficients."""
+    cost = ReducedCost(
+        fixed=1.0,
+        layer=0.5,
+        coupled=2.0,
+        first=3.0,
+        feature=1.0,
+        last=10.0,
+        table=0.25,
+        tracer=0.5,
+        speedup=2.0,
+    )
+    # L = 5, M = 4, d = 2, P = 3, one network [6, 1, 1, 8]: 1 + 0.5 * 3 + 2 +
+    # 3 * (4 * (3 + 2) + 4 * 10 + 0.5 * (6 * 5 + 8 * 10)) / 2
+    assert step_seconds(4, 2, 3, 5, [[6, 1, 1, 8]], cost) == pytest.approx(4.5 + 3 * (60 + 55) / 2)
+    assert step_seconds(4, 2, 3, 2, [], cost) == pytest.approx(1.0 + 3 * 4 * 5 / 2)
+    # L = 3: the table M^2 plus the end atoms; tracers (6 + 8) M table entries
+    assert step_seconds(4, 2, 3, 3, [[6, 8]], cost) == pytest.approx(
+        1.5 + 2.0 + 3 * (16 * 0.25 + 4 * 5 + 4 * 10 + 0.5 * (6 * 5 + 8 * 10 + 14 * 4 * 0.25)) / 2
+    )
+
+
+def test_default_atoms_fills_the_budget() -> None:
+    nets = [[w] * 4 for w in (50, 100, 200, 400) for _ in range(4)]
+    m = default_atoms(5, 100, 5, 300, nets)
+    assert m % 64 == 0 and m >= 16 * 400
+    assert (
+        300 * step_seconds(m, 5, 100, 5, nets) <= 60.0 < 300 * step_seconds(m + 64, 5, 100, 5, nets)
+    )
+    assert default_atoms(5, 100, 5, 600, nets) < m < default_atoms(5, 100, 5, 300)
+    assert default_atoms(5, 100, 5, 300, nets, budget_s=120.0) > m
+    assert default_atoms(5, 100, 5, 10**6, nets) == 16 * 400  # the floor
+    assert default_atoms(5, 100, 5, 10**6) == 16
+    assert default_atoms(5, 100, 3, 300, [[64, 64]]) >= 1024  # L = 3: O(M^2) table
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        (dict(steps=0), "`steps`"),
+        (dict(batch=-1), "`batch`"),
+        (dict(depth=1), "`depth`"),
+        (dict(budget_s=0.0), "`budget_s`"),
+        (dict(coupled=[[8, 8]]), "`coupled`"),
+        (dict(coupled=[[8, 0, 8, 8]]), "`coupled widths`"),
+        (dict(in_features=2.5), "`in_features`"),
+    ],
+)
+def test_default_atoms_refuses_bad_arguments(kwargs: dict, argument: str) -> None:
+    args = dict(in_features=5, batch=100, depth=5, steps=100) | kwargs
+    with pytest.raises(ValueError, match=argument):
+        default_atoms(**args)

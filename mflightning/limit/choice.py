@@ -35,16 +35,6 @@ MIN_REDUCED_DEPTH = 4  # below it the limit is not degenerate and the particle s
 LEFT_LIMIT_THRESHOLD = 0.5  # relative output gap beyond which a model has left the limit
 
 
-def default_reduced_atoms(largest_width: int) -> int:
-    """Default M (atoms per end layer) of a reduced reference: ``max(2^15, 64 x largest width)``.
-
-    The reduced solver costs O(M P d) per step, independent of M^2, so its M can be far larger
-    than a particle solver's (8 x the largest width): its Monte-Carlo error ~ M^{-1/2} is then
-    well below the gaps of every coupled network.
-    """
-    return max(2**15, 64 * largest_width)
-
-
 def reduced_support(network: object) -> str | None:
     """Why the reduced solver cannot integrate ``network``'s limit, or ``None`` if it can."""
     try:
@@ -147,7 +137,6 @@ __all__ = [
     "LimitKind",
     "LimitSolver",
     "build_solver",
-    "default_reduced_atoms",
     "departure",
     "exact_beside",
     "reduced_support",

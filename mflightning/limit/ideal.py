@@ -3,13 +3,15 @@
 A width-N network is not a subsample of the reduced solver's atoms: each of its neurons keeps its
 own initial values ``u`` and gets its own *ideal particle*, the characteristic ODE of the §B.3
 system started from ``u`` under the deterministic limit fields. The solver integrates these ODEs
-alongside its own state with *tracers*: the network's first-layer rows and readout columns enter
-the population averages of the reduced forward pass as ``(z - z.detach()) / M`` (see
-``couple``). Such a term adds exactly zero to every forward
-value, so the limit is unchanged, while autograd gives each tracer field the same gradient an atom
-with its values would get; the Euler step with the atoms' multipliers is then the tracer's
-characteristic ODE. Shared inputs of a tracer term (the atoms' features) are detached, so tracers
-never feed back into the atoms' gradients.
+alongside its own state with *tracers*: each tracer field gets the gradient an atom with its
+values would get, and the Euler step with the atoms' multipliers is then the tracer's
+characteristic ODE. For L = 2 and L >= 4 the tracers take the atoms' backward pass
+(``mflightning.limit.endatoms``) with the same ``dLoss/dH_L`` and ``dLoss/dH_2*`` and add
+nothing to the forward pass; every coupled network's tracers are views into one tensor per field,
+stepped in one pass. For L = 3 they enter the population averages of the reduced forward pass as
+``(z - z.detach()) / M`` (see ``couple``): such a term adds exactly zero to every forward value,
+so the limit is unchanged, while autograd gives the tracer fields their gradients. Either way the
+atoms' features are held fixed, so tracers never feed back into the atoms' gradients.
 
 Tracer fields (``n_i`` the network's widths, ``M_1``/``M_L`` the solver's atoms):
 

@@ -25,12 +25,22 @@ multipliers ``M_1`` (``w_1``, and ``g_2(u_1)`` for L >= 4), ``M_L`` (``w_L``, ``
 ``M_1 M_3`` (the L = 3 table) and 1 (the scalars ``w_i#``, ``b_i*`` and the readout bias): each
 multiplier is the number of
 atoms a field's gradient is averaged over, as the §1.2 multipliers are for the brute-force solver.
-The solver therefore takes autograd gradients of ``mean_field_loss`` on the
+The solver therefore takes the gradients of ``mean_field_loss`` on the
 reduced forward pass and makes the explicit-Euler step ``f <- f - lr * multiplier * dLoss/df``,
 the same discretisation as full-batch GD of ``ParticleLimitSolver``.
 
-Networks are coupled by ideal-particle integration (§B.4 item 3): their end-layer neurons ride
-along as zero-valued tracer terms of the same forward pass (``mflightning.limit.ideal``).
+For L = 2 and L >= 4 the end atoms are processed in chunks (``mflightning.limit.endatoms``):
+forward over the first-layer atoms to ``H_2*`` (L >= 4), through the middle scalars, forward over
+the last-layer atoms to ``H_L``; then the loss, ``dLoss/dH_L``, and back: each chunk of atoms is
+recomputed, its gradients formed by hand and its fields stepped, the middle scalars by autograd
+on P-vectors. No P x M intermediate exists at once: memory is the state plus a few P x
+``chunk_size`` blocks, and a step costs about two forward passes. L = 3 keeps the plain autograd
+pass (its M_3 x M_1 table is larger than any P x M intermediate).
+
+Networks are coupled by ideal-particle integration (§B.4 item 3): their end-layer neurons are
+tracers that take the atoms' steps with the same ``dLoss/dH_L`` (and ``dLoss/dH_2*``) and add
+nothing to the forward pass; for L = 3 they ride along as zero-valued terms of the autograd
+pass (``mflightning.limit.ideal``).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from torch import Tensor, nn
 
 from mflightning.activations import get_activation
 from mflightning.guards import DivergenceError, divergence_message
+from mflightning.limit.endatoms import KERNELS, EndLayer, Workspace, backward_step, forward_sum
 from mflightning.limit.ideal import IdealCoupling, ghost, tracer_fields
 from mflightning.limit.solver import EulerSolver, check_solver_args
 from mflightning.losses import LossName, mean_field_loss
@@ -50,6 +61,10 @@ from mflightning.mlp import MeanFieldMLP
 from mflightning.nn import MeanFieldLinear
 
 _USE_PARTICLES = "use mflightning.ParticleLimitSolver (brute force) for this network"
+# end atoms per chunk times the batch size: a 100 x 2621 float64 chunk is 2 MB, two or three per
+# worker thread; fastest of 2^17 .. 2^21 with two workers at M = 10^6 on the 2-core container
+# (docs/benchmarks.md, reduced section): larger chunks leave the caches, smaller ones add overhead
+CHUNK_ELEMENTS = 2**18
 
 
 def _law_mean(layer: MeanFieldLinear) -> float:
@@ -57,6 +72,13 @@ def _law_mean(layer: MeanFieldLinear) -> float:
     mean = layer.init_law.mean
     assert mean is not None
     return float(mean)
+
+
+def _is_scalar(name: str, depth: int) -> bool:
+    """Whether field ``name`` is a degenerate layer's scalar ``w_i#`` or ``b_i*`` (L >= 4)."""
+    if name.endswith("#"):
+        return True
+    return depth >= 4 and name.startswith("b") and 2 <= int(name[1:]) <= depth - 2
 
 
 def _check_reducible(network: object) -> list[MeanFieldLinear]:
@@ -103,8 +125,10 @@ class ReducedLimitSolver(EulerSolver):
 
     Cost per step: O(M_1 P d) + O(M_L P) + O(P) per middle layer for L >= 4 — independent of
     M^2 — against O(M^2 P) per middle layer for the brute-force solver; L = 3 keeps the M_3 x M_1
-    table ``g_2``, O(M_1 M_3 P). Same O(M^{-1/2}) Monte-Carlo error as S_M in the end-layer atoms,
-    but no middle-layer noise; with shared atoms ``|S_M - R_M| = O(1/M)`` (§D.3 T-REDUCED).
+    table ``g_2``, O(M_1 M_3 P). Memory for L = 2 and L >= 4: the state plus two P x
+    ``chunk_size`` blocks (``mflightning.limit.cost`` models the time). Same O(M^{-1/2})
+    Monte-Carlo error as S_M in the end-layer atoms, but no middle-layer noise; with shared
+    atoms ``|S_M - R_M| = O(1/M)`` (§D.3 T-REDUCED).
 
     Build the solver from the network at initialization (t = 0): only its end layers and its
     laws are read, and iid draws are assumed, not checked. The means are used exactly as the laws
@@ -125,11 +149,14 @@ class ReducedLimitSolver(EulerSolver):
         loss: loss convention of ``mflightning.losses.mean_field_loss``.
         dtype: floating dtype of the state (float64 by default, §E.2).
         device: device of the state (default: that of ``network``).
+        chunk_size: end atoms per chunk of the forward and backward passes (L = 2 and L >= 4);
+            ``None``: ``CHUNK_ELEMENTS // batch`` (2 MB float64 blocks). Results do not depend
+            on it beyond rounding.
 
     Raises:
         ValueError: a network the reduction does not cover (not a MeanFieldMLP, non-constant
             biases in a degenerate layer, a middle init law with unknown mean, every layer
-            frozen), or a bad ``lr``, ``loss`` or ``dtype``.
+            frozen), or a bad ``lr``, ``loss``, ``dtype`` or ``chunk_size``.
     """
 
     _progress_label = "reduced limit"
@@ -141,8 +168,17 @@ class ReducedLimitSolver(EulerSolver):
         loss: LossName = "mse",
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
+        *,
+        chunk_size: int | None = None,
     ) -> None:
         layers = _check_reducible(network)
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(
+                f"`chunk_size` must be a positive number of end atoms or None, got {chunk_size!r}."
+            )
+        self.chunk_size = chunk_size
         assert isinstance(network, MeanFieldMLP)  # checked by _check_reducible
         check_solver_args(lr, loss, dtype)
         self.lr = float(lr)
@@ -154,21 +190,31 @@ class ReducedLimitSolver(EulerSolver):
         self._activations: list[Callable[[Tensor], Tensor]] = [
             get_activation(name).fn for name in network.activation_names
         ]
+        names = network.activation_names
+        self._kernels = (KERNELS[names[0]], KERNELS[names[-2]])  # phi_1 and phi_{L-1}
+        self.in_features = layers[0].weight.shape[1]
+        self._atoms = (layers[0].weight.shape[0], layers[-1].weight.shape[1])  # M_1, M_L
+        self._workspace = Workspace()
         self._input_scale = layers[0].forward_scale
         self._means = {i: _law_mean(layers[i - 1]) for i in range(2, self.depth)}
         self._fields: dict[str, Tensor] = {}
         self._multipliers: dict[str, float] = {}
         for name, value, multiplier, layer in self._initial_fields(layers):
             value = value.detach().to(device=self.device, dtype=dtype).clone()
-            self._fields[name] = value.requires_grad_(not layer.frozen)
+            self._fields[name] = value
             if not layer.frozen:
                 self._multipliers[name] = multiplier
         if not self._multipliers:
             raise ValueError("`network` has no trainable layer: every layer is frozen.")
-        self._update_sizes: dict[str, Tensor] = {}  # lr * multiplier * RMS grad, last step
+        self._squares: dict[str, Tensor] = {}  # sum of squared gradients, last step
         self._steps = 0
         self._network = network  # the architecture of coupled networks (with_widths)
+        # the degenerate layers' scalars (L >= 4): w_i# and b_i* for 2 <= i <= L-2
+        self._scalars = [name for name in self._fields if _is_scalar(name, self.depth)]
         self._tracers: list[tuple[dict[str, Tensor], list[str]]] = []  # (fields, trainable names)
+        # L = 2 and L >= 4: every tracer set's fields are views into one tensor per name, so
+        # that all coupled networks take their steps in one pass (see couple)
+        self._merged: dict[str, Tensor] = {}
 
     def _initial_fields(
         self, layers: Sequence[MeanFieldLinear]
@@ -207,53 +253,230 @@ class ReducedLimitSolver(EulerSolver):
         """The reduced state at the current time (detached views; see the class docstring)."""
         return {name: value.detach() for name, value in self._fields.items()}
 
-    def _forward(self, x: Tensor, tracers: Sequence[dict[str, Tensor]] = ()) -> Tensor:
-        """``yhat(x)`` of the §B.3 system for the current state (autograd-tracked).
+    def _chunk_atoms(self, rows: int) -> int:
+        """End atoms per chunk for a batch of ``rows`` samples (see ``chunk_size``)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, CHUNK_ELEMENTS // rows)
 
-        Each tracer set (``mflightning.limit.ideal``) adds ``ghost(z) / M`` terms to the
-        population averages: zero in value, with the gradient its tracers' ODEs need. Inside a
-        tracer term the atoms' features are detached, so the atoms' gradients are unchanged.
+    def _end_layer(self, fields: dict[str, Tensor], first: bool) -> EndLayer:
+        """The first-layer atoms (``first``) or the last hidden layer's of a field set.
+
+        ``fields`` is the solver's state or a tracer set (same names); see ``endatoms``.
         """
-        f, phi, mu, depth = self._fields, self._activations, self._means, self.depth
+        depth, mu = self.depth, self._means
+        if first:
+            names = {"theta": "w1", "bias": "b1", "readout": "w2" if depth == 2 else "g2"}
+            theta, theta_offset, count = fields["w1"], 0.0, self._atoms[0]
+            readout = fields["w2"] if depth == 2 else fields["g2"][None, :]
+            readout_offset = 0.0 if depth == 2 else mu[2]
+        else:  # H_{L-1}(x, u_L) = (mu_{L-1} + g_{L-1}(u_L)) feature(x) + b_{L-1}(u_L)
+            names = {"theta": f"g{depth - 1}", "bias": f"b{depth - 1}", "readout": f"w{depth}"}
+            theta, theta_offset = fields[names["theta"]][:, None], mu[depth - 1]
+            readout, readout_offset, count = fields[names["readout"]], 0.0, self._atoms[1]
+        steps = {
+            role: self.lr * self._multipliers[name]
+            for role, name in names.items()
+            if name in fields and name in self._multipliers
+        }
+        bias = fields.get(names["bias"])
+        return EndLayer(theta, theta_offset, bias, readout, readout_offset, count, steps, names)
 
-        def bias(i: int, fields: dict[str, Tensor] = f) -> Tensor | float:
-            return fields.get(f"b{i}", 0.0)
+    def _middle(self, h2: Tensor, scalars: dict[str, Tensor]) -> Tensor:
+        """``phi_{L-2}(H_{L-2}*(x))`` (P,) from ``H_2*(x) - b_2`` and the middle scalars.
 
-        def first(fields: dict[str, Tensor]) -> Tensor:  # phi_1(H_1(x, u_1)), (P, n)
-            return phi[0](self._input_scale * (x @ fields["w1"].T) + bias(1, fields))
+        ``H_i*(x) = (mu_i + w_i#) phi_{i-1}(H_{i-1}*(x)) + b_i*`` for 3 <= i <= L-2 (§B.3).
+        """
+        phi, mu = self._activations, self._means
+        h = h2 + scalars.get("b2", 0.0)
+        for i in range(3, self.depth - 1):
+            h = (mu[i] + scalars[f"w{i}#"]) * phi[i - 2](h) + scalars.get(f"b{i}", 0.0)
+        return phi[self.depth - 3](h)
 
-        a1, tracer_a1 = first(f), [first(t) for t in tracers]
-        m1 = a1.shape[1]
-        readout = f[f"w{depth}"]
-        m_last = readout.shape[1]
-        if depth == 2:
-            out = a1 @ readout.T / m1
-            for t, a in zip(tracers, tracer_a1, strict=True):
-                out = out + ghost(a @ t["w2"].T) / m1
-        elif depth == 3:  # H_2(x, u_3) = E_{U_1}[(mu_2 + g_2(U_1, u_3)) phi_1(H_1(x, U_1))]
-            h2 = a1 @ (mu[2] + f["g2"]).T / m1 + bias(2)
-            for t, a in zip(tracers, tracer_a1, strict=True):  # the tracers u_1 x atoms U_3
-                h2 = h2 + ghost(a @ (mu[2] + t["g2:atoms3"]).T) / m1
-            out = phi[1](h2) @ readout.T / m_last
-            for t, a in zip(tracers, tracer_a1, strict=True):  # atoms U_1 (and tracers) x u_3
-                h2_own = a1.detach() @ (mu[2] + t["g2:atoms1"]).T / m1 + bias(2, t)
-                h2_own = h2_own + ghost(a.detach() @ t["g2"].T) / m1
-                out = out + ghost(phi[1](h2_own) @ t["w3"].T) / m_last
-        else:
-            h = a1 @ (mu[2] + f["g2"]) / m1 + bias(2)  # H_2*(x)
-            for t, a in zip(tracers, tracer_a1, strict=True):
-                h = h + ghost(a @ (mu[2] + t["g2"])) / m1
-            for i in range(3, depth - 1):  # H_i*(x) = (mu_i + w_i#) phi_{i-1}(H_{i-1}*(x))
-                h = (mu[i] + f[f"w{i}#"]) * phi[i - 2](h) + bias(i)
-            # H_{L-1}(x, u_L) = (mu_{L-1} + g_{L-1}(u_L)) phi_{L-2}(H_{L-2}*(x)): rank one
-            feature, name = phi[depth - 3](h), f"g{depth - 1}"
-            last = phi[depth - 2](feature[:, None] * (mu[depth - 1] + f[name]) + bias(depth - 1))
-            out = last @ readout.T / m_last
-            for t in tracers:
-                gain = mu[depth - 1] + t[name]
-                own = phi[depth - 2](feature.detach()[:, None] * gain + bias(depth - 1, t))
-                out = out + ghost(own @ t[f"w{depth}"].T) / m_last
-        return phi[depth - 1](out + bias(depth))
+    def _readout(self, out: Tensor, bias: Tensor | float) -> Tensor:
+        """``yhat = phi_L(H_L)`` from ``H_L - b_L`` (P, out)."""
+        return self._activations[self.depth - 1](out + bias)
+
+    def _chunked_forward(
+        self, x: Tensor, scalars: dict[str, Tensor], keep: bool = False
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, tuple[Tensor | None, Tensor | None]]:
+        """``(H_L - b_L, h2, feature, kept)`` for L = 2 or L >= 4, the end atoms in chunks.
+
+        For L >= 4, ``h2 = H_2* - b_2`` is returned as a leaf that requires grad and ``feature``
+        (P,) is computed from it and ``scalars`` (autograd-tracked when grad mode is on); both
+        are ``None`` for L = 2. ``kept``: the first and last layers' core values kept for the
+        backward pass (``keep``; see ``endatoms.forward_sum``), or ``None``.
+        """
+        chunk, kernels, space = self._chunk_atoms(x.shape[0]), self._kernels, self._workspace
+        inputs = self._input_scale * x
+        first_layer = self._end_layer(self._fields, True)
+        first, kept = forward_sum(
+            first_layer, inputs, kernels[0], chunk, space, "first" if keep else None
+        )
+        if self.depth == 2:
+            return first, None, None, (kept, None)
+        h2 = first[:, 0].requires_grad_()
+        feature = self._middle(h2, scalars)
+        last = self._end_layer(self._fields, False)
+        out, kept_last = forward_sum(
+            last, feature.detach()[:, None], kernels[1], chunk, space, "last" if keep else None
+        )
+        return out, h2, feature, (kept, kept_last)
+
+    def _chunked_step(self, x: Tensor, y: Tensor) -> float:
+        """One Euler step for L = 2 or L >= 4 (see ``endatoms``); returns the loss before it.
+
+        Forward over the first-layer atoms (to ``H_2*``), the middle scalars, the last-layer
+        atoms (to ``H_L``); the loss and ``G = dLoss/dH_L``; then back over the last-layer
+        atoms (stepping them, and giving ``dLoss/dfeature``), the middle scalars (autograd on
+        P-vectors) and the first-layer atoms. Tracer sets take their steps with the same ``G``
+        (and ``dLoss/dH_2*``) and add nothing to the forward pass (§B.4 item 3).
+        """
+        f, depth, kernels = self._fields, self.depth, self._kernels
+        trainable = self._multipliers
+        scalars = {
+            name: f[name].detach().requires_grad_(name in trainable) for name in self._scalars
+        }
+        out, h2, feature, (kept_first, kept_last) = self._chunked_forward(x, scalars, keep=True)
+        out.requires_grad_()
+        bias_name = f"b{depth}"
+        bias = f[bias_name].detach().requires_grad_() if bias_name in trainable else None
+        offset = f.get(bias_name, 0.0) if bias is None else bias
+        loss = mean_field_loss(self.loss, self._readout(out, offset), y)
+        self._check_loss(loss)
+        grads = torch.autograd.grad(loss, [out] if bias is None else [out, bias])
+        out_grad, chunk, space = grads[0], self._chunk_atoms(x.shape[0]), self._workspace
+        squares: dict[str, Tensor] = {}
+        inputs = self._input_scale * x
+        tracers = self._merged  # every coupled network's neurons at once
+        first_grad: Tensor | None = out_grad
+        if depth >= 4:
+            assert h2 is not None and feature is not None  # L >= 4
+            last = self._end_layer(f, False)
+            upstream = [name for name in ("w1", "b1", "g2", *self._scalars) if name in trainable]
+            features = feature.detach()[:, None]
+            feature_grad = backward_step(
+                last,
+                features,
+                kernels[1],
+                out_grad,
+                chunk,
+                space,
+                bool(upstream),
+                squares,
+                kept_last,
+            )
+            if tracers:
+                tracer_last = self._end_layer(tracers, False)
+                backward_step(tracer_last, features, kernels[1], out_grad, chunk, space)
+            first_grad = None
+            if feature_grad is not None:
+                moving = [name for name in self._scalars if name in trainable]
+                inner = torch.autograd.grad(
+                    feature, [h2] + [scalars[name] for name in moving], feature_grad[:, 0]
+                )
+                first_grad = inner[0][:, None]
+                self._step_fields(dict(zip(moving, inner[1:], strict=True)), squares)
+        if first_grad is not None:
+            first = self._end_layer(f, True)
+            backward_step(
+                first, inputs, kernels[0], first_grad, chunk, space, False, squares, kept_first
+            )
+            if tracers:
+                tracer_first = self._end_layer(tracers, True)
+                backward_step(tracer_first, inputs, kernels[0], first_grad, chunk, space)
+        if bias is not None:
+            self._step_fields({bias_name: grads[1]}, squares)
+        self._squares = squares
+        self._steps += 1
+        return loss.item()
+
+    def _step_fields(self, grads: dict[str, Tensor], squares: dict[str, Tensor]) -> None:
+        """``f <- f - lr * multiplier * grad`` for solver fields; records the squared grads."""
+        with torch.no_grad():
+            for name, grad in grads.items():
+                squares[name] = grad.square().sum()
+                self._fields[name].sub_(grad, alpha=self.lr * self._multipliers[name])
+
+    def _update_sizes(self) -> dict[str, float]:
+        """``lr * multiplier * RMS(dLoss/df)`` of each field's last update (for messages)."""
+        return {
+            name: self.lr
+            * self._multipliers[name]
+            * (total.item() / self._fields[name].numel()) ** 0.5
+            for name, total in self._squares.items()
+        }
+
+    def _check_loss(self, loss: Tensor) -> None:
+        """Raise ``DivergenceError`` (before any update) unless the loss is finite."""
+        if not torch.isfinite(loss):
+            what = f"the loss is {loss.item()}"
+            message = divergence_message(
+                "reduced limit solver", what, self._steps, self.time, self._update_sizes()
+            )
+            raise DivergenceError(message)
+
+    def _table_forward(
+        self,
+        x: Tensor,
+        fields: dict[str, Tensor],
+        tracers: Sequence[dict[str, Tensor]] = (),
+    ) -> Tensor:
+        """``yhat(x)`` of the L = 3 system (autograd-tracked; the table is not chunked).
+
+        ``H_2(x, u_3) = E_{U_1}[(mu_2 + g_2(U_1, u_3)) phi_1(H_1(x, U_1))] + b_2(u_3)``; the
+        M_3 x M_1 table dominates the memory, so the P x M intermediates are kept. Each tracer
+        set (``mflightning.limit.ideal``) adds ``ghost(z) / M`` terms to the population
+        averages: zero in value, with the gradient its tracers' ODEs need. Inside a tracer term
+        the atoms' features are detached, so the atoms' gradients are unchanged.
+        """
+        phi, mu = self._activations, self._means
+
+        def first(values: dict[str, Tensor]) -> Tensor:  # phi_1(H_1(x, u_1)), (P, n)
+            return phi[0](self._input_scale * (x @ values["w1"].T) + values.get("b1", 0.0))
+
+        a1, tracer_a1 = first(fields), [first(t) for t in tracers]
+        m1, m3 = self._atoms
+        h2 = a1 @ (mu[2] + fields["g2"]).T / m1 + fields.get("b2", 0.0)
+        for t, a in zip(tracers, tracer_a1, strict=True):  # the tracers u_1 x atoms U_3
+            h2 = h2 + ghost(a @ (mu[2] + t["g2:atoms3"]).T) / m1
+        out = phi[1](h2) @ fields["w3"].T / m3
+        for t, a in zip(tracers, tracer_a1, strict=True):  # atoms U_1 (and tracers) x u_3
+            h2_own = a1.detach() @ (mu[2] + t["g2:atoms1"]).T / m1 + t.get("b2", 0.0)
+            h2_own = h2_own + ghost(a.detach() @ t["g2"].T) / m1
+            out = out + ghost(phi[1](h2_own) @ t["w3"].T) / m3
+        return self._readout(out, fields.get("b3", 0.0))
+
+    def _table_step(self, x: Tensor, y: Tensor) -> float:
+        """One Euler step for L = 3 by autograd through ``_table_forward``."""
+        trainable = self._multipliers
+        leaves = {
+            name: value.detach().requires_grad_(name in trainable)
+            for name, value in self._fields.items()
+        }
+        tracers = [
+            {name: value.detach().requires_grad_(name in moving) for name, value in t.items()}
+            for t, moving in self._tracers
+        ]
+        loss = mean_field_loss(self.loss, self._table_forward(x, leaves, tracers), y)
+        self._check_loss(loss)
+        names = list(trainable)
+        moving = [
+            (t[name], tracer[name], trainable[name.split(":")[0]])
+            for (t, names_t), tracer in zip(self._tracers, tracers, strict=True)
+            for name in names_t
+        ]
+        grads = torch.autograd.grad(
+            loss, [leaves[name] for name in names] + [leaf for _, leaf, _ in moving]
+        )
+        squares: dict[str, Tensor] = {}
+        self._step_fields(dict(zip(names, grads, strict=False)), squares)
+        self._squares = squares
+        with torch.no_grad():
+            for (field, _, multiplier), grad in zip(moving, grads[len(names) :], strict=True):
+                field.sub_(grad, alpha=self.lr * multiplier)
+        self._steps += 1
+        return loss.item()
 
     def _euler_step(self, x: Tensor, y: Tensor) -> float:
         """One Euler step ``f <- f - lr * multiplier * dLoss/df``; returns the loss before it.
@@ -261,40 +484,41 @@ class ReducedLimitSolver(EulerSolver):
         Raises:
             DivergenceError: the loss is not finite (the state is left as it was).
         """
-        names = list(self._multipliers)
-        tracers = [tracer for tracer, _ in self._tracers]
-        loss = mean_field_loss(self.loss, self._forward(x, tracers), y)
-        if not torch.isfinite(loss):
-            what = f"the loss is {loss.item()}"
-            message = divergence_message(
-                "reduced limit solver", what, self._steps, self.time, self._update_sizes
+        if self.depth == 3:
+            return self._table_step(x, y)
+        with self._workspace.split_threads(self.device):
+            return self._chunked_step(x, y)
+
+    def _prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Check the feature count of ``x``, then validate and move the batch."""
+        self._check_features(x)
+        return super()._prepare(x, y)
+
+    def _check_features(self, x: Tensor) -> None:
+        """Refuse an ``x`` that is not ``(batch, d)`` floats, naming the expected ``d``."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise ValueError(f"`x` must be a floating tensor, got {type(x).__name__}.")
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(
+                f"`x` must have shape (batch, {self.in_features}): the solver's network has "
+                f"in_features={self.in_features}, got {tuple(x.shape)}; reshape or select features."
             )
-            raise DivergenceError(message)
-        moving = [
-            (t[name], self._multipliers[name.split(":")[0]])
-            for t, names_t in self._tracers
-            for name in names_t
-        ]
-        grads = torch.autograd.grad(
-            loss, [self._fields[name] for name in names] + [field for field, _ in moving]
-        )
-        with torch.no_grad():
-            for name, grad in zip(names, grads, strict=False):
-                step = self.lr * self._multipliers[name]
-                self._update_sizes[name] = step * grad.double().square().mean().sqrt()
-                self._fields[name].sub_(grad, alpha=step)
-            for (field, multiplier), grad in zip(moving, grads[len(names) :], strict=True):
-                field.sub_(grad, alpha=self.lr * multiplier)
-        self._steps += 1
-        return loss.item()
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
-        """The limit output ``yhat(t, x)`` at the current time, in the solver's dtype."""
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(f"`x` must be a floating tensor, got {type(x).__name__}.")
+        """The limit output ``yhat(t, x)`` at the current time, in the solver's dtype.
+
+        Raises:
+            ValueError: ``x`` is not a floating ``(batch, d)`` tensor on the solver's device.
+        """
+        self._check_features(x)
         self._check_device("x", x)
-        return self._forward(x.to(device=self.device, dtype=self.dtype))
+        x = x.to(device=self.device, dtype=self.dtype)
+        if self.depth == 3:
+            return self._table_forward(x, self._fields)
+        with self._workspace.split_threads(self.device):
+            out, _, _, _ = self._chunked_forward(x, self._fields)
+        return self._readout(out, self._fields.get(f"b{self.depth}", 0.0))
 
     def couple(
         self,
@@ -380,10 +604,27 @@ class ReducedLimitSolver(EulerSolver):
             small = network
         tracers = tracer_fields(small, self.fields, self.dtype, self.device)
         trainable = [name for name in tracers if name.split(":")[0] in self._multipliers]
-        for name in trainable:
-            tracers[name].requires_grad_(True)
         self._tracers.append((tracers, trainable))
+        if self.depth != 3:
+            self._merge_tracers()
         return small, IdealCoupling(self, small, tracers)
+
+    def _merge_tracers(self) -> None:
+        """Concatenate the tracer sets' fields along their neurons, each set keeping views.
+
+        The sets' dictionaries (held by their ``IdealCoupling``) get views into the merged
+        tensors, so the chunked step moves every coupled network in one pass per end layer.
+        """
+        readout = f"w{self.depth}"  # (out, n): neurons along dim 1
+        for name in self._tracers[0][0]:
+            dim = 1 if name == readout else 0
+            merged = torch.cat([t[name] for t, _ in self._tracers], dim=dim)
+            start = 0
+            for t, _ in self._tracers:
+                size = t[name].shape[dim]
+                t[name] = merged.narrow(dim, start, size)
+                start += size
+            self._merged[name] = merged
 
     def state_dict(self) -> dict[str, Any]:
         """Fields, step count, ``lr`` and ``loss``: plain tensors/ints/floats/strings.
@@ -401,8 +642,9 @@ class ReducedLimitSolver(EulerSolver):
         """Resume exactly from ``state_dict`` (same architecture, ``lr`` and ``loss``).
 
         Raises:
-            ValueError: another ``lr`` or ``loss``, fields of another architecture, or a solver
-                with couplings (their tracers are not saved).
+            ValueError: another ``lr`` or ``loss``, fields of another architecture, NaN or
+                infinite fields, a negative or non-integer step count, or a solver with
+                couplings (their tracers are not saved).
         """
         if self._tracers:
             raise ValueError(
