@@ -30,9 +30,13 @@ def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (`make test`) the workers share the cores: split torch's threads.
 
     Two workers with two threads each on a 2-core machine spend their time waiting on each other.
+    The processes a test starts (the CLI, the benchmarks, DDP ranks) get the same share.
     """
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    if workers > 1:
+        threads = max(1, torch.get_num_threads() // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 def loglog_slope(widths: list[int] | np.ndarray, values: list[float] | np.ndarray) -> float:

@@ -20,8 +20,8 @@ CASES = {
     ),
     "L4-half_mse": dict(
         widths=[40, 30, 20],
-        activations=["tanh", "relu", "tanh", "identity"],
-        init=[Normal(0.0, 1.0), Normal(1.0, 0.5), Normal(0.8, 0.5), Normal(0.3, 1.0)],
+        activations=["tanh", "relu", "tanh", "identity"],  # odd first: a non-symmetric law (§B.3)
+        init=[Normal(0.2, 1.0), Normal(1.0, 0.5), Normal(0.8, 0.5), Normal(0.3, 1.0)],
         loss="half_mse",
     ),
     "L4-frozen-ends": dict(

@@ -115,9 +115,11 @@ def test_default_pytorch_init_with_mean_field_forward_loses_the_signal() -> None
 def test_trivial_limit_reasons() -> None:
     ok = MeanFieldMLP(10, [8, 8, 8], activations=["relu", "tanh", "tanh", "identity"])
     assert trivial_limit_reasons(ok) == []
-    zero_mean = MeanFieldMLP(10, [8, 8], init=[Normal(0, 1), Normal(0, 1), Normal(0, 1)])
+    with pytest.warns(TrivialLimitWarning, match="zero-mean"):  # said at construction too
+        zero_mean = MeanFieldMLP(10, [8, 8], init=[Normal(0, 1), Normal(0, 1), Normal(0, 1)])
     assert any("zero-mean" in r for r in trivial_limit_reasons(zero_mean))
-    odd = MeanFieldMLP(10, [8, 8, 8], activations="tanh")
+    with pytest.warns(TrivialLimitWarning, match="odd first activation"):
+        odd = MeanFieldMLP(10, [8, 8, 8], activations="tanh")
     assert any("odd first activation" in r for r in trivial_limit_reasons(odd))
     shallow_odd = MeanFieldMLP(10, [8, 8], activations="tanh")  # L = 3 still learns (§B.3)
     assert trivial_limit_reasons(shallow_odd) == []

@@ -279,7 +279,9 @@ def test_odd_first_activation_gives_stationary_limit(
 ) -> None:
     """Odd phi_1, symmetric rho^1, zero-mean readout: H_2* = 0 and every drift vanishes (§B.3)."""
     x, y = reduced_data()
-    solver = solver_class(antithetic_tanh_net(tau), LR, loss="half_mse")
+    with pytest.warns(TrivialLimitWarning, match="odd first activation"):  # said at construction
+        net = antithetic_tanh_net(tau)
+    solver = solver_class(net, LR, loss="half_mse")
     before = solver(x)
     losses = solver.run((x, y), 10, progress=False)
     assert (solver(x) - before).abs().max() < 1e-12
@@ -487,7 +489,7 @@ def test_couple_refusals() -> None:
         (lambda: nn.Sequential(MeanFieldConv1d(1, 8, 3, role="input")), "`network`.*Particle"),
         (
             lambda: MeanFieldMLP(
-                5, [8, 8, 8], init=[Normal(), torch.nn.init.ones_, Normal(), Normal()]
+                5, [8, 8, 8], init=[Normal(), torch.nn.init.ones_, Normal(1.0), Normal()]
             ),
             "`network` layer2 .*unknown mean.*Particle",
         ),
