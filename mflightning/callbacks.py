@@ -36,11 +36,10 @@ from mflightning.limit import Coupling, ParticleLimitSolver, ReducedLimitSolver
 from mflightning.limit.choice import (
     LEFT_LIMIT_THRESHOLD,
     LIMIT_KINDS,
-    MIN_REDUCED_DEPTH,
     AnyCoupling,
     LimitSolver,
     build_solver,
-    reduced_support,
+    has_degenerate_exact_limit,
     resolve_limit,
 )
 from mflightning.limit.snapshot import LimitSnapshot, gaps_to_limit, take_snapshot
@@ -326,10 +325,8 @@ class LimitTracker(Callback):
 
     def _reference_caveat(self) -> str:
         """A note when the reference is a particle solver of a degenerate (deep iid) limit."""
-        if (
-            isinstance(self.solver, ParticleLimitSolver)
-            and reduced_support(self.solver.network) is None
-            and len(getattr(self.solver.network, "widths", ())) + 1 >= MIN_REDUCED_DEPTH
+        if isinstance(self.solver, ParticleLimitSolver) and has_degenerate_exact_limit(
+            self.solver.network
         ):
             return (
                 " The reference is a finite-M particle solver of a deep iid network, which can "

@@ -44,6 +44,19 @@ def reduced_support(network: object) -> str | None:
     return None
 
 
+def has_degenerate_exact_limit(network: object) -> bool:
+    """Whether ``network`` is a deep (L >= 4) iid MLP whose exact limit the reduced solver covers.
+
+    Its limit is degenerate (§B.3): the networks ``auto`` couples to ``ReducedLimitSolver`` and
+    whose particle solvers can leave the exact limit (§D.4).
+    """
+    return (
+        isinstance(network, MeanFieldMLP)
+        and len(network.widths) + 1 >= MIN_REDUCED_DEPTH
+        and reduced_support(network) is None
+    )
+
+
 def resolve_limit(kind: str, network: MeanFieldStack) -> Literal["particles", "reduced"]:
     """The solver kind ``kind`` selects for ``network`` (module docstring).
 
@@ -62,7 +75,7 @@ def resolve_limit(kind: str, network: MeanFieldStack) -> Literal["particles", "r
                 "covers every network."
             )
         return "reduced"
-    if kind == "auto" and reason is None and len(network.widths) + 1 >= MIN_REDUCED_DEPTH:
+    if kind == "auto" and has_degenerate_exact_limit(network):
         return "reduced"
     return "particles"
 
@@ -113,9 +126,7 @@ def exact_beside(solver: LimitSolver) -> ReducedLimitSolver | None:
     if not isinstance(solver, ParticleLimitSolver):
         return None
     network = solver.network
-    if not isinstance(network, MeanFieldMLP) or reduced_support(network) is not None:
-        return None
-    if len(network.widths) + 1 < MIN_REDUCED_DEPTH:
+    if not has_degenerate_exact_limit(network):
         return None
     return ReducedLimitSolver(
         network, lr=solver.lr, loss=solver.loss, dtype=solver.dtype, device=solver.device
@@ -139,6 +150,7 @@ __all__ = [
     "build_solver",
     "departure",
     "exact_beside",
+    "has_degenerate_exact_limit",
     "reduced_support",
     "resolve_limit",
     "solver_network",
