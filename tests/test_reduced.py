@@ -25,7 +25,7 @@ from mflightning.activations import ACTIVATIONS
 from mflightning.degeneracy import effective_rank, middle_displacement_variance
 from mflightning.functional import coupled_deviation, neuron_spread
 from mflightning.guards import DivergenceError
-from mflightning.limit import endatoms
+from mflightning.limit import endatoms, native
 from mflightning.limit.cost import ReducedCost, default_atoms, step_seconds
 from mflightning.limit.endatoms import KERNELS
 from mflightning.losses import mean_field_loss
@@ -674,6 +674,9 @@ CHUNK_CASES = [
     (5, ("softplus", "sin"), (), 2, True, "mse"),
     (5, ("relu", "gelu"), ("layer3",), 1, True, "mse"),
     (5, ("relu", "tanh"), ("layer2", "layer4"), 1, True, "mse"),
+    # the compiled passes' general form (several outputs) and the sigmoid / identity cores
+    (2, ("relu", "tanh"), (), 2, True, "mse"),
+    (4, ("sigmoid", "identity"), ("readout",), 1, True, "half_mse"),
 ]
 
 
@@ -706,15 +709,25 @@ def threads():
     torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize(("kept", "workers"), [(True, 1), (False, 1), (True, 3), (False, 3)])
+@pytest.mark.parametrize(
+    ("kept", "workers", "compiled"),
+    [(True, 1, False), (False, 1, False), (True, 3, False), (False, 3, False)]
+    + [(False, 1, True), (False, 3, True)],
+)
 @pytest.mark.parametrize("case", range(len(CHUNK_CASES)))
 def test_chunked_steps_match_unchunked_reference(
-    case: int, kept: bool, workers: int, monkeypatch, threads
+    case: int, kept: bool, workers: int, compiled: bool, monkeypatch, threads
 ) -> None:
     """Chunks of 7 atoms (ragged last chunk) and two coupled networks: losses, every field,
     every tracer and the outputs equal the plain autograd step to 1e-12 after 6 steps; with
-    the forward values kept for the backward pass, and recomputed (``CACHE_ELEMENTS = 0``);
+    the torch ops (``MFL_NATIVE=0``), the forward values kept for the backward pass and
+    recomputed (``CACHE_ELEMENTS = 0``), and with the compiled passes (the layers they cover);
     by the calling thread, and split over 3 worker threads (``MIN_PART = 1``)."""
+    fused = count_compiled_passes(monkeypatch)
+    if compiled and native.library() is None:
+        pytest.skip("no C compiler: the compiled passes are unavailable")
+    if not compiled:
+        monkeypatch.setenv("MFL_NATIVE", "0")
     if not kept:
         monkeypatch.setattr(endatoms, "CACHE_ELEMENTS", 0)
     monkeypatch.setattr(endatoms, "MIN_PART", 1)
@@ -751,6 +764,97 @@ def test_chunked_steps_match_unchunked_reference(
     with torch.no_grad():
         expected_out = reference.forward(x, reference.fields, [])
     torch.testing.assert_close(solver(x), expected_out, rtol=0, atol=1e-12)
+    ends = acts[:1] if depth == 2 else acts if depth > 3 else ()  # the end layers' activations
+    covered = any(native.supports(KERNELS[a].native, x.double()) for a in ends)
+    assert bool(fused) == (compiled and covered)  # the compiled passes ran exactly when asked
+
+
+def count_compiled_passes(monkeypatch) -> list[int]:
+    """A list that grows by one at every call of the compiled passes (``endatoms._fused_*``)."""
+    calls: list[int] = []
+    for name in ("_fused_forward", "_fused_backward"):
+        original = getattr(endatoms, name)
+
+        def counted(*args, _original=original, **kwargs):
+            calls.append(1)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(endatoms, name, counted)
+    return calls
+
+
+def wide_net(features: int, depth: int, dtype: torch.dtype) -> MeanFieldMLP:
+    """A net whose first layer has ``features`` inputs (relu) and tanh above, biases on."""
+    gen = torch.Generator().manual_seed(3)
+    net = MeanFieldMLP(
+        features,
+        [37] + [1] * (depth - 3) + [41] if depth > 2 else [37],
+        activations=["relu"] + ["tanh"] * (depth - 2) + ["identity"],
+        init=[Normal(0.0, 1.0)] + [Normal(0.8, 0.5)] * (depth - 2) + [Normal(0.3, 1.0)],
+        bias=True,
+        bias_init=Normal(0.1, 0.0),
+        generator=gen,
+    )
+    with torch.no_grad():
+        net.layer1.bias.normal_(generator=gen)
+        getattr(net, f"layer{depth - 1}").bias.normal_(generator=gen)
+    return net.to(dtype)
+
+
+@pytest.mark.parametrize(("features", "depth"), [(12, 4), (12, 2), (3, 5), (16, 5)])
+def test_compiled_passes_match_torch_ops_in_both_precisions(
+    features: int, depth: int, monkeypatch, threads
+) -> None:
+    """The compiled passes (fixed form for <= 8 features, general form above) follow the torch
+    ops' trajectory over 40 steps: to 1e-12 in float64 (two workers, 101 samples, not a
+    multiple of the vector length), and in float32 to within its rounding (5e-5 relative)."""
+    if native.library() is None:
+        pytest.skip("no C compiler: the compiled passes are unavailable")
+    monkeypatch.setattr(endatoms, "MIN_PART", 4)
+    threads(2)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(101, features, generator=gen, dtype=torch.float64)
+    y = torch.tanh(x[:, 0] + 0.5 * x[:, -1])[:, None]
+    runs = {}
+    for dtype in (torch.float64, torch.float32):
+        for compiled in (True, False):
+            monkeypatch.setenv("MFL_NATIVE", "1" if compiled else "0")
+            solver = ReducedLimitSolver(wide_net(features, depth, dtype), 0.5, "mse", dtype=dtype)
+            losses = solver.run((x.to(dtype), y.to(dtype)), 40, progress=False)
+            runs[dtype, compiled] = (losses, solver(x.to(dtype)), solver.fields)
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 5e-5)):
+        (fused_losses, fused_out, fused_fields) = runs[dtype, True]
+        (plain_losses, plain_out, plain_fields) = runs[dtype, False]
+        assert plain_losses[-1] < 0.9 * plain_losses[0]  # it learns over the horizon
+        np.testing.assert_allclose(fused_losses, plain_losses, rtol=tolerance, atol=0)
+        scale = plain_out.abs().max().item()
+        torch.testing.assert_close(fused_out, plain_out, rtol=0, atol=tolerance * scale)
+        for name, value in plain_fields.items():
+            size = value.abs().max().item()
+            torch.testing.assert_close(
+                fused_fields[name], value, rtol=0, atol=tolerance * max(size, 1.0), msg=name
+            )
+
+
+def test_uncompilable_passes_warn_once_and_fall_back(monkeypatch, tmp_path) -> None:
+    """A compiler that fails: one RuntimeWarning naming the reason and MFL_NATIVE, then the
+    torch ops (the same trajectory as MFL_NATIVE=0)."""
+    monkeypatch.setenv("MFL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exits 1 without a word
+    native._load.cache_clear()  # and again at the end: the real library is found then
+    data = reduced_data()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"`false` could not compile.*MFL_NATIVE=0"):
+            losses = ReducedLimitSolver(reduced_net([40, 4, 4, 33], 0.5), LR).run(
+                data, 3, progress=False
+            )
+        assert native.library() is None
+        assert not list(tmp_path.glob("*.so"))
+    finally:
+        native._load.cache_clear()
+    monkeypatch.setenv("MFL_NATIVE", "0")
+    plain = ReducedLimitSolver(reduced_net([40, 4, 4, 33], 0.5), LR).run(data, 3, progress=False)
+    np.testing.assert_allclose(losses, plain, rtol=0, atol=0)
 
 
 def test_chunk_size_does_not_change_results() -> None:

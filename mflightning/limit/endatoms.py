@@ -49,6 +49,7 @@ new shape compiles for 3-25 s.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import math
 import os
@@ -61,6 +62,8 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mflightning.limit import native
 
 # core(z, slope) -> core(z): may overwrite z; writes core'(z) into `slope` when it is given
 Core = Callable[[Tensor, Tensor | None], Tensor]
@@ -147,6 +150,8 @@ class Kernel:
             values themselves), where the core's derivative is a function of its value
             (identity, relu, sigmoid); such layers keep their forward values for the backward
             pass when they fit ``CACHE_ELEMENTS``, and need no second chunk buffer.
+        native: the core's name in the compiled passes (``mflightning.limit.native.CORES``),
+            or ``None`` where only the torch ops cover it.
     """
 
     core: Core
@@ -155,6 +160,7 @@ class Kernel:
     shift: float = 0.0
     homogeneous_slope: Callable[[Tensor], Tensor] | None = None
     value_slope: Callable[[Tensor, Tensor], Tensor] | None = None
+    native: str | None = None
 
     def __call__(self, u: Tensor) -> Tensor:
         """``phi(u)`` (a fresh tensor; reference form, used by the tests)."""
@@ -169,12 +175,24 @@ class Kernel:
 
 KERNELS: dict[str, Kernel] = {
     "identity": Kernel(
-        _identity, homogeneous_slope=lambda u: u.fill_(1.0), value_slope=_identity_slope
+        _identity,
+        homogeneous_slope=lambda u: u.fill_(1.0),
+        value_slope=_identity_slope,
+        native="identity",
     ),
-    "relu": Kernel(_relu, homogeneous_slope=lambda u: u.gt_(0.0), value_slope=_relu_slope),
+    "relu": Kernel(
+        _relu, homogeneous_slope=lambda u: u.gt_(0.0), value_slope=_relu_slope, native="relu"
+    ),
     # tanh u = 2 sigmoid(2u) - 1
-    "tanh": Kernel(_sigmoid, inner=2.0, outer=2.0, shift=-1.0, value_slope=_sigmoid_slope),
-    "sigmoid": Kernel(_sigmoid, value_slope=_sigmoid_slope),
+    "tanh": Kernel(
+        _sigmoid,
+        inner=2.0,
+        outer=2.0,
+        shift=-1.0,
+        value_slope=_sigmoid_slope,
+        native="sigmoid",
+    ),
+    "sigmoid": Kernel(_sigmoid, value_slope=_sigmoid_slope, native="sigmoid"),
     "gelu": Kernel(_gelu),
     "silu": Kernel(_silu),
     "softplus": Kernel(_softplus),
@@ -389,6 +407,80 @@ def _forward_part(
     return total
 
 
+def _fused(kernel: Kernel, x: Tensor) -> native.Library | None:
+    """The compiled passes when they cover this kernel and input (``native``), else ``None``."""
+    return native.library() if native.supports(kernel.native, x) else None
+
+
+def _native_args(layer: EndLayer, xt: Tensor, kernel: Kernel) -> native.EndLayerArgs:
+    """``layer`` as the compiled passes' ``end_layer`` (``xt``: ``native.padded(X)``)."""
+    assert kernel.native is not None  # checked by _fused
+    bias = layer.bias
+    return native.EndLayerArgs(
+        rows=xt.shape[1],
+        width=xt.shape[0],
+        outputs=layer.readout.shape[0],
+        atoms=layer.size,
+        x=native.pointer(xt),
+        theta=native.pointer(layer.theta),
+        theta_stride=(ctypes.c_int64 * 2)(*layer.theta.stride()),
+        theta_offset=layer.theta_offset,
+        bias=native.pointer(bias),
+        bias_stride=0 if bias is None else bias.stride(0),
+        readout=native.pointer(layer.readout),
+        readout_stride=(ctypes.c_int64 * 2)(*layer.readout.stride()),
+        readout_offset=layer.readout_offset,
+        inner=kernel.inner,
+        outer=kernel.outer,
+        shift=kernel.shift,
+        count=layer.count,
+        core=native.CORES[kernel.native],
+    )
+
+
+def _fused_forward(
+    library: native.Library, layer: EndLayer, xt: Tensor, kernel: Kernel, workspace: Workspace
+) -> Tensor:
+    """``forward_sum`` on one part of a layer, by the compiled passes.
+
+    ``xt`` is ``native.padded(x)``; returns ``S.T`` padded likewise.
+    """
+    out = xt.new_zeros(layer.readout.shape[0], xt.shape[1])
+    scratch = workspace.flat("fused", xt, xt.shape[1])
+    library.forward(_native_args(layer, xt, kernel), scratch, out)
+    return out
+
+
+def _fused_backward(
+    library: native.Library,
+    layer: EndLayer,
+    xt: Tensor,
+    kernel: Kernel,
+    grad: tuple[Tensor, Tensor],
+    workspace: Workspace,
+    input_grad: bool,
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """``_backward_part`` by the compiled passes (``grad``: ``native.padded(G)``, ``sum_p G``).
+
+    Returns ``(dLoss/dX).T`` padded as ``xt`` (or ``None``) and the sums of squared gradients.
+    """
+    x_grad = xt.new_zeros(xt.shape) if input_grad else None
+    squares = xt.new_zeros(3)
+    scratch = workspace.flat("fused", xt, 2 * xt.shape[1])
+    args = _native_args(layer, xt, kernel)
+    library.backward(args, grad[0], grad[1], layer.steps, scratch, x_grad, squares)
+    totals = dict(zip(native.STEP_FLAGS, squares, strict=True))
+    return x_grad, {layer.names[role]: totals[role] for role in layer.steps}
+
+
+def _added(tensors: list[Tensor]) -> Tensor:
+    """The sum of the parts' tensors, in order, into the first."""
+    total = tensors[0]
+    for other in tensors[1:]:
+        total += other
+    return total
+
+
 def forward_sum(
     layer: EndLayer,
     x: Tensor,
@@ -414,22 +506,26 @@ def forward_sum(
     Returns:
         ``S`` and the kept values (flat, part after part and chunk after chunk), or ``None``.
     """
+    parts = workspace.parts(layer.size, x)
+    library = _fused(kernel, x)
+    if library is not None:  # recomputing a core value is as cheap as keeping it there
+        xt = native.padded(x)
+        sums = workspace.map(
+            lambda i, buffers: _fused_forward(library, layer.part(*parts[i]), xt, kernel, buffers),
+            len(parts),
+        )
+        return _added(sums)[:, : x.shape[0]].T, None
     rows = x.shape[0]
     kept = None
     if keep is not None and kernel.value_slope is not None and rows * layer.size <= CACHE_ELEMENTS:
         kept = workspace.flat(keep, x, rows * layer.size)
-    parts = workspace.parts(layer.size, x)
 
     def work(i: int, buffers: Workspace) -> Tensor:
         start, stop = parts[i]
         part_kept = None if kept is None else kept[rows * start : rows * stop]
         return _forward_part(layer.part(start, stop), x, kernel, chunk, buffers, part_kept)
 
-    sums = workspace.map(work, len(parts))
-    total = sums[0]
-    for other in sums[1:]:
-        total += other
-    return total, kept
+    return _added(workspace.map(work, len(parts))), kept
 
 
 def _backward_part(
@@ -575,11 +671,16 @@ def backward_step(
     """
     rows = x.shape[0]
     parts = workspace.parts(layer.size, x)
+    library = _fused(kernel, x)
+    if library is not None:
+        xt, fused_grad = native.padded(x), (native.padded(grad), grad.sum(0))
 
     def work(i: int, buffers: Workspace) -> tuple[Tensor | None, dict[str, Tensor]]:
         start, stop = parts[i]
-        part_kept = None if kept is None else kept[rows * start : rows * stop]
         part = layer.part(start, stop)
+        if library is not None:
+            return _fused_backward(library, part, xt, kernel, fused_grad, buffers, input_grad)
+        part_kept = None if kept is None else kept[rows * start : rows * stop]
         return _backward_part(part, x, kernel, grad, chunk, buffers, input_grad, part_kept)
 
     results = workspace.map(work, len(parts))
@@ -590,7 +691,5 @@ def backward_step(
     x_grads = [x_grad for x_grad, _ in results if x_grad is not None]
     if not x_grads:
         return None
-    total = x_grads[0]
-    for other in x_grads[1:]:
-        total += other
-    return total
+    total = _added(x_grads)
+    return total[:, :rows].T if library is not None else total

@@ -1,0 +1,54 @@
+/* Fused passes over the end atoms of the reduced solver, on a CPU (mflightning.limit.native).
+ *
+ * One atom at a time, each loop over the P samples vectorised (OpenMP simd, glibc's vector
+ * exp): the P x n intermediates of mflightning/limit/endatoms.py never leave the L1 cache, and
+ * the sigmoid core costs one vector exp. Compiled at first use by mflightning.limit.native
+ * (cc -O3 -march=native -fopenmp-simd, once per precision: -DMFL_REAL_BITS=64 or 32); the
+ * fields and buffers are torch tensors' memory. */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* glibc's libmvec has vector variants of exp and expf; declaring them lets the compiler
+ * vectorise the sigmoid loops without -ffast-math (which would drop NaN semantics). Built with
+ * -DMFL_SCALAR_EXP where libmvec is missing. */
+#ifndef MFL_SCALAR_EXP
+#pragma omp declare simd notinbranch
+extern double exp(double);
+#pragma omp declare simd notinbranch
+extern float expf(float);
+#endif
+
+enum { CORE_IDENTITY = 0, CORE_RELU = 1, CORE_SIGMOID = 2 };
+enum { STEP_THETA = 1, STEP_BIAS = 2, STEP_READOUT = 4 };
+enum { MAX_WIDTH = 16 };  /* widest input X; mflightning.limit.native.MAX_WIDTH */
+enum { FIXED_WIDTH = 8 }; /* widest input with its own unrolled passes */
+
+/* One part of an end layer (see EndLayer in endatoms.py); scalars in double for both
+ * precisions, pointers to elements of the layer's precision. */
+typedef struct {
+    int64_t rows, width, outputs, atoms; /* P, q, C', n */
+    const void *x;                       /* X transposed: x[j * rows + p] */
+    void *theta;                         /* theta[k * theta_stride[0] + j * theta_stride[1]] */
+    int64_t theta_stride[2];
+    double theta_offset;
+    void *bias; /* bias[k * bias_stride], or NULL */
+    int64_t bias_stride;
+    void *readout; /* readout[c * readout_stride[0] + k * readout_stride[1]] */
+    int64_t readout_stride[2];
+    double readout_offset;
+    double inner, outer, shift, count; /* phi(u) = outer core(inner u) + shift; M */
+    int32_t core;                      /* CORE_* */
+} end_layer;
+
+/* one precision per object file (MFL_REAL_BITS 64 or 32), compiled side by side and linked */
+#if MFL_REAL_BITS == 32
+#define REAL float
+#define EXP expf
+#define NAME(f) f##_f32
+#else
+#define REAL double
+#define EXP exp
+#define NAME(f) f##_f64
+#endif
+#include "endatoms_body.h"

@@ -1,0 +1,314 @@
+/* One precision's fused end-layer passes; included by endatoms.c once per precision, with
+ * REAL (the element type), EXP (its exponential) and NAME(f) (the exported name) defined.
+ * The formulas are those of mflightning/limit/endatoms.py (docs/theory.md §B.3, §B.4).
+ *
+ * Two forms of each pass. The fixed form (one output, at most FIXED_WIDTH input features):
+ * the width and the core are constants of each inlined copy, and each atom takes one loop over
+ * the samples with every sum in a register. The general form (several outputs, or wider
+ * inputs): the atom's core values go through a scratch row and each sum takes its own loop. */
+
+static inline __attribute__((always_inline)) REAL NAME(activate)(int32_t core, REAL z) {
+    if (core == CORE_RELU)
+        return z < (REAL)0 ? (REAL)0 : z; /* NaN stays NaN, as torch's relu */
+    if (core == CORE_SIGMOID)
+        return (REAL)1 / ((REAL)1 + EXP(-z));
+    return z;
+}
+
+/* core'(z) from v = core(z) */
+static inline __attribute__((always_inline)) REAL NAME(slope)(int32_t core, REAL v) {
+    if (core == CORE_RELU)
+        return v > (REAL)0 ? (REAL)1 : (REAL)0; /* 1 where relu(z) > 0, as torch's */
+    if (core == CORE_SIGMOID)
+        return v - v * v;
+    return (REAL)1;
+}
+
+/* theta'_k = theta_k + theta_offset into weights, and b_k (0 without biases); width is
+ * layer->width, a constant in the fixed forms */
+static inline __attribute__((always_inline)) REAL NAME(atom_weights)(
+    const end_layer *layer, int64_t width, int64_t k, REAL *weights) {
+    const REAL *theta = (const REAL *)layer->theta + k * layer->theta_stride[0];
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < width; ++j)
+        weights[j] = theta[j * layer->theta_stride[1]] + (REAL)layer->theta_offset;
+    return layer->bias == NULL ? (REAL)0 : ((const REAL *)layer->bias)[k * layer->bias_stride];
+}
+
+static inline REAL NAME(readout_weight)(const end_layer *layer, int64_t k, int64_t c) {
+    const REAL *readout = (const REAL *)layer->readout;
+    return readout[c * layer->readout_stride[0] + k * layer->readout_stride[1]] +
+           (REAL)layer->readout_offset;
+}
+
+/* z[p] = inner (sum_j x[j * rows + p] weights[j] + bias), x the transposed input */
+static inline __attribute__((always_inline)) REAL NAME(preactivation)(
+    const REAL *x, int64_t rows, int64_t width, const REAL *weights, REAL bias, REAL inner,
+    int64_t p) {
+    REAL total = bias;
+#pragma GCC unroll 8 /* completely, for the constant widths of the fixed form */
+    for (int64_t j = 0; j < width; ++j)
+        total += x[j * rows + p] * weights[j];
+    return inner * total;
+}
+
+/* ---- forward: out[c * rows + p] += sum_k R'[c, k] (outer core(z[p, k]) + shift) / M ---- */
+
+static inline __attribute__((always_inline)) void NAME(forward_fixed)(
+    const end_layer *layer, int64_t width, int32_t core, REAL *restrict out) {
+    const int64_t rows = layer->rows;
+    const REAL *restrict x = (const REAL *)layer->x;
+    const REAL inner = (REAL)layer->inner, scale = (REAL)(layer->outer / layer->count);
+    const REAL shift = (REAL)(layer->shift / layer->count);
+    REAL weights[FIXED_WIDTH];
+    for (int64_t k = 0; k < layer->atoms; ++k) {
+        const REAL bias = NAME(atom_weights)(layer, width, k, weights);
+        const REAL r = NAME(readout_weight)(layer, k, 0), w = r * scale, e = r * shift;
+#pragma omp simd
+        for (int64_t p = 0; p < rows; ++p) {
+            const REAL v = NAME(activate)(
+                core, NAME(preactivation)(x, rows, width, weights, bias, inner, p));
+            out[p] += w * v + e;
+        }
+    }
+}
+
+/* The core values of atom k into values (the general form) */
+static inline __attribute__((always_inline)) void NAME(values_general)(
+    const end_layer *layer, int32_t core, int64_t k, REAL *restrict weights,
+    REAL *restrict values) {
+    const int64_t rows = layer->rows;
+    const REAL *restrict x = (const REAL *)layer->x;
+    const REAL bias = NAME(atom_weights)(layer, layer->width, k, weights);
+    const REAL inner = (REAL)layer->inner;
+#pragma omp simd
+    for (int64_t p = 0; p < rows; ++p)
+        values[p] = bias;
+    for (int64_t j = 0; j < layer->width; ++j) {
+        const REAL *restrict column = x + j * rows;
+#pragma omp simd
+        for (int64_t p = 0; p < rows; ++p)
+            values[p] += column[p] * weights[j];
+    }
+#pragma omp simd
+    for (int64_t p = 0; p < rows; ++p)
+        values[p] = NAME(activate)(core, inner * values[p]);
+}
+
+static inline __attribute__((always_inline)) void NAME(forward_general)(
+    const end_layer *layer, int32_t core, REAL *restrict scratch, REAL *restrict out) {
+    const int64_t rows = layer->rows;
+    const REAL scale = (REAL)(layer->outer / layer->count);
+    const REAL shift = (REAL)(layer->shift / layer->count);
+    REAL weights[MAX_WIDTH];
+    for (int64_t k = 0; k < layer->atoms; ++k) {
+        REAL *restrict values = scratch;
+        NAME(values_general)(layer, core, k, weights, values);
+        for (int64_t c = 0; c < layer->outputs; ++c) {
+            const REAL r = NAME(readout_weight)(layer, k, c), w = r * scale, e = r * shift;
+            REAL *restrict row = out + c * rows;
+#pragma omp simd
+            for (int64_t p = 0; p < rows; ++p)
+                row[p] += w * values[p] + e;
+        }
+    }
+}
+
+/* ---- backward: the gradients of each atom's fields and their Euler steps ---- */
+
+/* f <- f - steps[f] df for atom k's stepped fields, from its sums over the samples (sums[j]
+ * for theta'_j, sums[width] for the bias, sums[width + 1 + c] for the readout c); the sums of
+ * squared gradients go to squares[0], [1], [2] (theta, bias, readout) */
+static inline void NAME(step_atom)(const end_layer *layer, int64_t k, const REAL *sums,
+                                   const REAL *grad_sum, int32_t flags, const double *steps,
+                                   REAL *squares) {
+    const int64_t width = layer->width;
+    const REAL slope_scale = (REAL)(layer->outer * layer->inner / layer->count);
+    if (flags & STEP_THETA) {
+        REAL *theta = (REAL *)layer->theta + k * layer->theta_stride[0];
+        for (int64_t j = 0; j < width; ++j) {
+            const REAL d = slope_scale * sums[j];
+            squares[0] += d * d;
+            theta[j * layer->theta_stride[1]] -= (REAL)steps[0] * d;
+        }
+    }
+    if (flags & STEP_BIAS) {
+        const REAL d = slope_scale * sums[width];
+        squares[1] += d * d;
+        ((REAL *)layer->bias)[k * layer->bias_stride] -= (REAL)steps[1] * d;
+    }
+    if (flags & STEP_READOUT) {
+        REAL *readout = (REAL *)layer->readout + k * layer->readout_stride[1];
+        const REAL scale = (REAL)(layer->outer / layer->count);
+        const REAL shift = (REAL)(layer->shift / layer->count);
+        for (int64_t c = 0; c < layer->outputs; ++c) {
+            const REAL d = scale * sums[width + 1 + c] + shift * grad_sum[c];
+            squares[2] += d * d;
+            readout[c * layer->readout_stride[0]] -= (REAL)steps[2] * d;
+        }
+    }
+}
+
+/* x_grad[j * rows + p] += (outer inner / M) h[p] theta'_j, with the fields before the step */
+static inline void NAME(add_input_grad)(const end_layer *layer, const REAL *restrict weights,
+                                        const REAL *restrict h, REAL *restrict x_grad) {
+    const int64_t rows = layer->rows;
+    const REAL slope_scale = (REAL)(layer->outer * layer->inner / layer->count);
+    for (int64_t j = 0; j < layer->width; ++j) {
+        const REAL t = weights[j] * slope_scale;
+        REAL *restrict column = x_grad + j * rows;
+#pragma omp simd
+        for (int64_t p = 0; p < rows; ++p)
+            column[p] += h[p] * t;
+    }
+}
+
+/* One output, a constant width and core. Per atom, one loop over the samples computes
+ * h[p] = core'(z[p]) G[p] R' and the readout's sum, a second one the sums of h (few values live
+ * across the calls of the vector exp, and every sum in a register). */
+static inline __attribute__((always_inline)) void NAME(backward_fixed)(
+    const end_layer *layer, int64_t width, int32_t core, const REAL *restrict grad,
+    const REAL *grad_sum, int32_t flags, const double *steps, REAL *restrict h,
+    REAL *restrict x_grad, REAL *squares) {
+    const int64_t rows = layer->rows;
+    const REAL *restrict x = (const REAL *)layer->x;
+    const REAL inner = (REAL)layer->inner;
+    REAL weights[FIXED_WIDTH], sums[FIXED_WIDTH + 2];
+    for (int64_t k = 0; k < layer->atoms; ++k) {
+        const REAL bias = NAME(atom_weights)(layer, width, k, weights);
+        const REAL r = NAME(readout_weight)(layer, k, 0);
+        REAL readout_sum = 0;
+#pragma omp simd reduction(+ : readout_sum)
+        for (int64_t p = 0; p < rows; ++p) {
+            const REAL v = NAME(activate)(
+                core, NAME(preactivation)(x, rows, width, weights, bias, inner, p));
+            h[p] = grad[p] * r * NAME(slope)(core, v);
+            readout_sum += grad[p] * v;
+        }
+        REAL s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, bias_sum = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, bias_sum)
+        for (int64_t p = 0; p < rows; ++p) {
+            const REAL hp = h[p];
+            bias_sum += hp;
+            /* the width is a constant here: the tests below are resolved at compile time */
+            if (width > 0) s0 += hp * x[p];
+            if (width > 1) s1 += hp * x[rows + p];
+            if (width > 2) s2 += hp * x[2 * rows + p];
+            if (width > 3) s3 += hp * x[3 * rows + p];
+            if (width > 4) s4 += hp * x[4 * rows + p];
+            if (width > 5) s5 += hp * x[5 * rows + p];
+            if (width > 6) s6 += hp * x[6 * rows + p];
+            if (width > 7) s7 += hp * x[7 * rows + p];
+        }
+        const REAL theta_sums[FIXED_WIDTH] = {s0, s1, s2, s3, s4, s5, s6, s7};
+        for (int64_t j = 0; j < width; ++j)
+            sums[j] = theta_sums[j];
+        sums[width] = bias_sum;
+        sums[width + 1] = readout_sum;
+        if (x_grad != NULL)
+            NAME(add_input_grad)(layer, weights, h, x_grad);
+        NAME(step_atom)(layer, k, sums, grad_sum, flags, steps, squares);
+    }
+}
+
+/* Several outputs or a wide input: the core values into a scratch row, h = core'(z) sum_c G[:,
+ * c] R'[c], then each sum in its own loop. */
+static inline __attribute__((always_inline)) void NAME(backward_general)(
+    const end_layer *layer, int32_t core, const REAL *restrict grad, const REAL *grad_sum,
+    int32_t flags, const double *steps, REAL *restrict scratch, REAL *restrict x_grad,
+    REAL *squares) {
+    const int64_t rows = layer->rows, width = layer->width, outputs = layer->outputs;
+    const REAL *restrict x = (const REAL *)layer->x;
+    REAL *restrict values = scratch, *restrict h = scratch + rows;
+    REAL weights[MAX_WIDTH], sums[MAX_WIDTH + 1 + outputs];
+    for (int64_t k = 0; k < layer->atoms; ++k) {
+        NAME(values_general)(layer, core, k, weights, values);
+#pragma omp simd
+        for (int64_t p = 0; p < rows; ++p)
+            h[p] = (REAL)0;
+        for (int64_t c = 0; c < outputs; ++c) {
+            const REAL r = NAME(readout_weight)(layer, k, c);
+            const REAL *restrict g = grad + c * rows;
+#pragma omp simd
+            for (int64_t p = 0; p < rows; ++p)
+                h[p] += g[p] * r;
+        }
+#pragma omp simd
+        for (int64_t p = 0; p < rows; ++p)
+            h[p] *= NAME(slope)(core, values[p]);
+        for (int64_t i = 0; i < width + 1 + outputs; ++i) {
+            /* (h, X[:, i]), then (h, 1) for the bias, then (G[:, c], values) */
+            const REAL *a = i <= width ? h : grad + (i - width - 1) * rows;
+            const REAL *b = i < width ? x + i * rows : values;
+            REAL total = (REAL)0;
+            if (i == width) {
+#pragma omp simd reduction(+ : total)
+                for (int64_t p = 0; p < rows; ++p)
+                    total += a[p];
+            } else {
+#pragma omp simd reduction(+ : total)
+                for (int64_t p = 0; p < rows; ++p)
+                    total += a[p] * b[p];
+            }
+            sums[i] = total;
+        }
+        if (x_grad != NULL)
+            NAME(add_input_grad)(layer, weights, h, x_grad);
+        NAME(step_atom)(layer, k, sums, grad_sum, flags, steps, squares);
+    }
+}
+
+/* ---- the exported passes: one form per (core, width), chosen once per call ---- */
+
+#define DISPATCH(FIXED, GENERAL, CORE)                                                             \
+    switch (layer->outputs == 1 ? layer->width : 0) {                                              \
+    case 1: FIXED(1, CORE); break;                                                                 \
+    case 2: FIXED(2, CORE); break;                                                                 \
+    case 3: FIXED(3, CORE); break;                                                                 \
+    case 4: FIXED(4, CORE); break;                                                                 \
+    case 5: FIXED(5, CORE); break;                                                                 \
+    case 6: FIXED(6, CORE); break;                                                                 \
+    case 7: FIXED(7, CORE); break;                                                                 \
+    case 8: FIXED(8, CORE); break;                                                                 \
+    default: GENERAL(CORE);                                                                        \
+    }
+
+/* out (C' x rows) += the layer's contribution S.T (scratch: rows elements) */
+void NAME(mfl_forward)(const end_layer *layer, REAL *restrict scratch, REAL *restrict out) {
+#define FIXED(w, c) NAME(forward_fixed)(layer, w, c, out)
+#define GENERAL(c) NAME(forward_general)(layer, c, scratch, out)
+    switch (layer->core) {
+    case CORE_RELU: DISPATCH(FIXED, GENERAL, CORE_RELU) break;
+    case CORE_SIGMOID: DISPATCH(FIXED, GENERAL, CORE_SIGMOID) break;
+    default: DISPATCH(FIXED, GENERAL, CORE_IDENTITY)
+    }
+#undef FIXED
+#undef GENERAL
+}
+
+/* Gradients of the loss with respect to each atom's fields and their Euler steps, atom by atom
+ * (grad: G = dLoss/dS stored as grad[c * rows + p]; grad_sum[c] = sum_p G[p, c]):
+ *   dR[c]   = (outer sum_p G[p, c] core(z[p]) + shift sum_p G[p, c]) / M,
+ *   h[p]    = core'(z[p]) sum_c G[p, c] R'[c],
+ *   dtheta  = (outer inner / M) sum_p h[p] X[p, :],   db = (outer inner / M) sum_p h[p],
+ *   x_grad[j * rows + p] += (outer inner / M) h[p] theta'[j]   (before the step; if x_grad),
+ * then f <- f - steps[f] df for each stepped field (flags: STEP_THETA | STEP_BIAS |
+ * STEP_READOUT), adding sum df^2 to squares[0], [1], [2] (theta, bias, readout).
+ * scratch holds 2 * rows elements. */
+void NAME(mfl_backward)(const end_layer *layer, const REAL *restrict grad,
+                        const REAL *restrict grad_sum, int32_t flags, const double *steps,
+                        REAL *restrict scratch, REAL *restrict x_grad, REAL *squares) {
+#define FIXED(w, c)                                                                                \
+    NAME(backward_fixed)(layer, w, c, grad, grad_sum, flags, steps, scratch, x_grad, squares)
+#define GENERAL(c)                                                                                 \
+    NAME(backward_general)(layer, c, grad, grad_sum, flags, steps, scratch, x_grad, squares)
+    switch (layer->core) {
+    case CORE_RELU: DISPATCH(FIXED, GENERAL, CORE_RELU) break;
+    case CORE_SIGMOID: DISPATCH(FIXED, GENERAL, CORE_SIGMOID) break;
+    default: DISPATCH(FIXED, GENERAL, CORE_IDENTITY)
+    }
+#undef FIXED
+#undef GENERAL
+}
+
+#undef DISPATCH
