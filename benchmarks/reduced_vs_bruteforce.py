@@ -28,6 +28,7 @@ The reduced solver ignores the middle widths (§B.3), so it is built from a netw
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import math
@@ -48,7 +49,7 @@ from benchmarks.common import (
     synchronize,
 )
 from mflightning import MeanFieldMLP, Normal, ParticleLimitSolver, ReducedLimitSolver
-from mflightning.limit.cost import CPU_COST, ReducedCost, step_seconds
+from mflightning.limit.cost import cpu_cost, step_seconds
 from mflightning.limit.solver import EulerSolver
 
 MEANS = (1.0, 0.8, 0.9)  # mu_2, mu_3, mu_4 (§D.3)
@@ -140,7 +141,9 @@ def model_ms(depth: int, atoms: int, settings: Settings) -> float | None:
     if settings.cuda:
         return None
     threads = torch.get_num_threads()
-    cost = CPU_COST if threads > 1 else ReducedCost(speedup=1.0)
+    cost = cpu_cost()
+    if threads < 2:
+        cost = dataclasses.replace(cost, speedup=1.0)
     return 1e3 * step_seconds(atoms, 5, 100, depth, cost=cost)
 
 

@@ -711,8 +711,10 @@ def threads():
 
 @pytest.mark.parametrize(
     ("kept", "workers", "compiled"),
-    [(True, 1, False), (False, 1, False), (True, 3, False), (False, 3, False)]
-    + [(False, 1, True), (False, 3, True)],
+    [
+        *((True, 1, False), (False, 1, False), (True, 3, False), (False, 3, False)),
+        *((False, 1, True), (False, 3, True)),
+    ],
 )
 @pytest.mark.parametrize("case", range(len(CHUNK_CASES)))
 def test_chunked_steps_match_unchunked_reference(
