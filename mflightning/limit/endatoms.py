@@ -34,11 +34,18 @@ scale is folded into ``X`` and ``b`` and the outer affine map into ``R``. For re
 (``phi(u) = u phi'(u)``) the backward pass needs only ``D``: ``dL/dR`` comes out of the same
 contraction.
 
-A layer whose P x n core values fit ``CACHE_ELEMENTS`` keeps them from the forward pass for the
-backward pass (small M); a larger one is recomputed chunk by chunk, and split over worker threads
-(``Workspace``). At M = 10^6, P = 100 a step is about two evaluations of the last layer's
+On a CPU, layers whose core is identity, relu or sigmoid (tanh) with at most
+``native.MAX_WIDTH`` input features are passed by compiled C instead (``mflightning.limit.native``:
+one atom at a time, every loop over the samples vectorised, no chunk buffers; the same formulas,
+results equal to rounding); the torch ops below cover every other case (GPUs, other
+activations, wide inputs, no C compiler, ``MFL_NATIVE=0``).
+
+In the torch ops, a layer whose P x n core values fit ``CACHE_ELEMENTS`` keeps them from the
+forward pass for the backward pass (small M); a larger one is recomputed chunk by chunk. Either
+way a large layer is split over worker threads (``Workspace``). At M = 10^6, P = 100 a step is about two evaluations of the last layer's
 activation per atom and sample (4.4 of its 10 ns per atom-sample on one core of the 2-core
-container) plus five skinny matrix products (``torch.mm`` with K = d or 100).
+container) plus five skinny matrix products (``torch.mm`` with K = d or 100) with the torch ops;
+about 7 ns with the compiled passes.
 
 ``torch.compile`` was measured on this CPU and is not used: inductor's float64 tanh is not faster
 than eager's (8.5 vs 7.8 ns per element), its fused first-layer forward halved that pass (1.0 vs

@@ -19,6 +19,7 @@ up to rounding: the sums over atoms are added in another order).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -27,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,7 +194,8 @@ def _load() -> Library | None:
     ).hexdigest()[:16]
     target = cache_dir() / f"endatoms-{key}.so"
     if not target.exists():
-        failure = _compile(compiler, target)
+        with _compiling(target):  # one process compiles, the others wait for its library
+            failure = None if target.exists() else _compile(compiler, target)
         if failure is not None:
             _warn(failure)
             return None
@@ -212,6 +215,24 @@ def _load() -> Library | None:
         ]
         forward.restype = backward.restype = None
     return Library(handle)
+
+
+@contextlib.contextmanager
+def _compiling(target: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``target``'s lock file (blocking; POSIX, else no lock)."""
+    try:
+        import fcntl
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(target.with_suffix(".lock"), "a")  # closed below
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 def _compile(compiler: str, target: Path) -> str | None:

@@ -22,7 +22,7 @@ extern float expf(float);
 enum { CORE_IDENTITY = 0, CORE_RELU = 1, CORE_SIGMOID = 2 };
 enum { STEP_THETA = 1, STEP_BIAS = 2, STEP_READOUT = 4 };
 enum { MAX_WIDTH = 16 };  /* widest input X; mflightning.limit.native.MAX_WIDTH */
-enum { FIXED_WIDTH = 8 }; /* widest input with its own unrolled passes */
+enum { FIXED_WIDTH = 12 }; /* widest input with its own unrolled passes */
 
 /* One part of an end layer (see EndLayer in endatoms.py); scalars in double for both
  * precisions, pointers to elements of the layer's precision. */

@@ -29,7 +29,7 @@ static inline __attribute__((always_inline)) REAL NAME(slope)(int32_t core, REAL
 static inline __attribute__((always_inline)) REAL NAME(atom_weights)(
     const end_layer *layer, int64_t width, int64_t k, REAL *weights) {
     const REAL *theta = (const REAL *)layer->theta + k * layer->theta_stride[0];
-#pragma GCC unroll 8
+#pragma GCC unroll 12
     for (int64_t j = 0; j < width; ++j)
         weights[j] = theta[j * layer->theta_stride[1]] + (REAL)layer->theta_offset;
     return layer->bias == NULL ? (REAL)0 : ((const REAL *)layer->bias)[k * layer->bias_stride];
@@ -46,7 +46,7 @@ static inline __attribute__((always_inline)) REAL NAME(preactivation)(
     const REAL *x, int64_t rows, int64_t width, const REAL *weights, REAL bias, REAL inner,
     int64_t p) {
     REAL total = bias;
-#pragma GCC unroll 8 /* completely, for the constant widths of the fixed form */
+#pragma GCC unroll 12 /* completely, for the constant widths of the fixed form */
     for (int64_t j = 0; j < width; ++j)
         total += x[j * rows + p] * weights[j];
     return inner * total;
@@ -185,8 +185,9 @@ static inline __attribute__((always_inline)) void NAME(backward_fixed)(
             h[p] = grad[p] * r * NAME(slope)(core, v);
             readout_sum += grad[p] * v;
         }
-        REAL s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, bias_sum = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, bias_sum)
+        REAL s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0, s9 = 0;
+        REAL s10 = 0, s11 = 0, bias_sum = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, bias_sum)
         for (int64_t p = 0; p < rows; ++p) {
             const REAL hp = h[p];
             bias_sum += hp;
@@ -199,8 +200,12 @@ static inline __attribute__((always_inline)) void NAME(backward_fixed)(
             if (width > 5) s5 += hp * x[5 * rows + p];
             if (width > 6) s6 += hp * x[6 * rows + p];
             if (width > 7) s7 += hp * x[7 * rows + p];
+            if (width > 8) s8 += hp * x[8 * rows + p];
+            if (width > 9) s9 += hp * x[9 * rows + p];
+            if (width > 10) s10 += hp * x[10 * rows + p];
+            if (width > 11) s11 += hp * x[11 * rows + p];
         }
-        const REAL theta_sums[FIXED_WIDTH] = {s0, s1, s2, s3, s4, s5, s6, s7};
+        const REAL theta_sums[FIXED_WIDTH] = {s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11};
         for (int64_t j = 0; j < width; ++j)
             sums[j] = theta_sums[j];
         sums[width] = bias_sum;
@@ -270,6 +275,10 @@ static inline __attribute__((always_inline)) void NAME(backward_general)(
     case 6: FIXED(6, CORE); break;                                                                 \
     case 7: FIXED(7, CORE); break;                                                                 \
     case 8: FIXED(8, CORE); break;                                                                 \
+    case 9: FIXED(9, CORE); break;                                                                 \
+    case 10: FIXED(10, CORE); break;                                                               \
+    case 11: FIXED(11, CORE); break;                                                               \
+    case 12: FIXED(12, CORE); break;                                                               \
     default: GENERAL(CORE);                                                                        \
     }
 
