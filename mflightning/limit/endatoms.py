@@ -36,16 +36,17 @@ contraction.
 
 On a CPU, layers whose core is identity, relu or sigmoid (tanh) with at most
 ``native.MAX_WIDTH`` input features are passed by compiled C instead (``mflightning.limit.native``:
-one atom at a time, every loop over the samples vectorised, no chunk buffers; the same formulas,
-results equal to rounding); the torch ops below cover every other case (GPUs, other
+blocks of atoms in the lanes of a vector, one sample at a time, no chunk buffers; the same
+formulas, results equal to rounding); the torch ops below cover every other case (GPUs, other
 activations, wide inputs, no C compiler, ``MFL_NATIVE=0``).
 
 In the torch ops, a layer whose P x n core values fit ``CACHE_ELEMENTS`` keeps them from the
 forward pass for the backward pass (small M); a larger one is recomputed chunk by chunk. Either
-way a large layer is split over worker threads (``Workspace``). At M = 10^6, P = 100 a step is about two evaluations of the last layer's
-activation per atom and sample (4.4 of its 10 ns per atom-sample on one core of the 2-core
-container) plus five skinny matrix products (``torch.mm`` with K = d or 100) with the torch ops;
-about 7 ns with the compiled passes.
+way a large layer is split over worker threads (``Workspace``). At M = 10^6, P = 100 a step with
+the torch ops is about two evaluations of the last layer's activation per atom and sample (4.4
+of its 10 ns per atom-sample on one core of the 2-core container) plus five skinny matrix
+products (``torch.mm`` with K = d or 100); with the compiled passes about 6 ns, 3-4 of them the
+last layer's two vector ``exp``.
 
 ``torch.compile`` was measured on this CPU and is not used: inductor's float64 tanh is not faster
 than eager's (8.5 vs 7.8 ns per element), its fused first-layer forward halved that pass (1.0 vs
@@ -453,7 +454,7 @@ def _fused_forward(
     ``xt`` is ``native.padded(x)``; returns ``S.T`` padded likewise.
     """
     out = xt.new_zeros(layer.readout.shape[0], xt.shape[1])
-    scratch = workspace.flat("fused", xt, xt.shape[1])
+    scratch = workspace.flat("fused", xt, native.SCRATCH_ROWS * xt.shape[1])
     library.forward(_native_args(layer, xt, kernel), scratch, out)
     return out
 
@@ -473,7 +474,7 @@ def _fused_backward(
     """
     x_grad = xt.new_zeros(xt.shape) if input_grad else None
     squares = xt.new_zeros(3)
-    scratch = workspace.flat("fused", xt, 2 * xt.shape[1])
+    scratch = workspace.flat("fused", xt, native.SCRATCH_ROWS * xt.shape[1])
     args = _native_args(layer, xt, kernel)
     library.backward(args, grad[0], grad[1], layer.steps, scratch, x_grad, squares)
     totals = dict(zip(native.STEP_FLAGS, squares, strict=True))

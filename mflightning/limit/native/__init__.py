@@ -43,8 +43,10 @@ MAX_WIDTH = 16
 # the cores endatoms.c knows (its CORE_* constants)
 CORES = {"identity": 0, "relu": 1, "sigmoid": 2}
 STEP_FLAGS = {"theta": 1, "bias": 2, "readout": 4}  # its STEP_* constants
-# samples per vector of endatoms.c's gradient sums (32-byte vectors of float32), or a multiple
+# samples per row of the transposed input: whole 64-byte cache lines of float64
 ROW_MULTIPLE = 8
+# scratch elements per sample the passes need (endatoms.c's SCRATCH_ROWS)
+SCRATCH_ROWS = 104
 _HERE = Path(__file__).parent
 
 
@@ -87,7 +89,8 @@ class Library:
     def forward(self, layer: EndLayerArgs, scratch: Tensor, out: Tensor) -> None:
         """``out[c, p] += sum_k R'[c, k] phi(u[p, k]) / M``.
 
-        ``scratch``: at least P elements; ``out``: (C', P), contiguous, the layer's dtype.
+        ``scratch``: ``SCRATCH_ROWS`` x P elements; ``out``: (C', P), contiguous, the layer's
+        dtype.
         """
         function = getattr(self.handle, f"mfl_forward_{_suffix(out)}")
         function(ctypes.byref(layer), pointer(scratch), pointer(out))
@@ -109,7 +112,7 @@ class Library:
             grad: ``G.T`` (C', P), contiguous.
             grad_sum: ``sum_p G[p, c]`` (C',).
             steps: ``h m`` of each stepped role (``"theta"``, ``"bias"``, ``"readout"``).
-            scratch: at least 2 P elements.
+            scratch: ``SCRATCH_ROWS`` x P elements.
             x_grad: ``(dLoss/dX).T`` (q, P), accumulated into, or ``None``.
             squares: (3,) sums of squared gradients of theta, bias, readout, added to.
         """

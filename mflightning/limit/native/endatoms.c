@@ -23,6 +23,9 @@ enum { CORE_IDENTITY = 0, CORE_RELU = 1, CORE_SIGMOID = 2 };
 enum { STEP_THETA = 1, STEP_BIAS = 2, STEP_READOUT = 4 };
 enum { MAX_WIDTH = 16 };  /* widest input X; mflightning.limit.native.MAX_WIDTH */
 enum { FIXED_WIDTH = 12 }; /* widest input with its own unrolled passes */
+/* scratch rows of rows elements the passes need: the fixed form's g and lane sums of x_grad
+ * ((1 + FIXED_WIDTH) x rows vectors of up to 8 lanes); mflightning.limit.native.SCRATCH_ROWS */
+enum { SCRATCH_ROWS = 8 * (1 + FIXED_WIDTH) };
 
 /* One part of an end layer (see EndLayer in endatoms.py); scalars in double for both
  * precisions, pointers to elements of the layer's precision. */
@@ -45,10 +48,16 @@ typedef struct {
 #if MFL_REAL_BITS == 32
 #define REAL float
 #define EXP expf
+#define VECTOR_EXP _ZGVdN8v_expf
 #define NAME(f) f##_f32
 #else
 #define REAL double
 #define EXP exp
+#define VECTOR_EXP _ZGVdN4v_exp
 #define NAME(f) f##_f64
+#endif
+#if defined(__AVX2__) && !defined(MFL_SCALAR_EXP) /* libmvec's AVX2 exp, called on vectors */
+typedef REAL exp_vector __attribute__((vector_size(32)));
+extern exp_vector VECTOR_EXP(exp_vector);
 #endif
 #include "endatoms_body.h"

@@ -54,25 +54,6 @@ static inline __attribute__((always_inline)) REAL NAME(preactivation)(
 
 /* ---- forward: out[c * rows + p] += sum_k R'[c, k] (outer core(z[p, k]) + shift) / M ---- */
 
-static inline __attribute__((always_inline)) void NAME(forward_fixed)(
-    const end_layer *layer, int64_t width, int32_t core, REAL *restrict out) {
-    const int64_t rows = layer->rows;
-    const REAL *restrict x = (const REAL *)layer->x;
-    const REAL inner = (REAL)layer->inner, scale = (REAL)(layer->outer / layer->count);
-    const REAL shift = (REAL)(layer->shift / layer->count);
-    REAL weights[FIXED_WIDTH];
-    for (int64_t k = 0; k < layer->atoms; ++k) {
-        const REAL bias = NAME(atom_weights)(layer, width, k, weights);
-        const REAL r = NAME(readout_weight)(layer, k, 0), w = r * scale, e = r * shift;
-#pragma omp simd
-        for (int64_t p = 0; p < rows; ++p) {
-            const REAL v = NAME(activate)(
-                core, NAME(preactivation)(x, rows, width, weights, bias, inner, p));
-            out[p] += w * v + e;
-        }
-    }
-}
-
 /* The core values of atom k into values (the general form) */
 static inline __attribute__((always_inline)) void NAME(values_general)(
     const end_layer *layer, int32_t core, int64_t k, REAL *restrict weights,
@@ -119,9 +100,9 @@ static inline __attribute__((always_inline)) void NAME(forward_general)(
 /* f <- f - steps[f] df for atom k's stepped fields, from its sums over the samples (sums[j]
  * for theta'_j, sums[width] for the bias, sums[width + 1 + c] for the readout c); the sums of
  * squared gradients go to squares[0], [1], [2] (theta, bias, readout) */
-static inline void NAME(step_atom)(const end_layer *layer, int64_t k, const REAL *sums,
-                                   const REAL *grad_sum, int32_t flags, const double *steps,
-                                   REAL *squares) {
+static inline __attribute__((always_inline)) void NAME(step_atom)(
+    const end_layer *layer, int64_t k, const REAL *sums, const REAL *grad_sum, int32_t flags,
+    const double *steps, REAL *squares) {
     const int64_t width = layer->width;
     const REAL slope_scale = (REAL)(layer->outer * layer->inner / layer->count);
     if (flags & STEP_THETA) {
@@ -163,57 +144,165 @@ static inline void NAME(add_input_grad)(const end_layer *layer, const REAL *rest
     }
 }
 
-/* One output, a constant width and core. Per atom, one loop over the samples computes
- * h[p] = core'(z[p]) G[p] R' and the readout's sum, a second one the sums of h (few values live
- * across the calls of the vector exp, and every sum in a register). */
+/* ---- the fixed form: a block of LANES atoms in the lanes of one vector ---- */
+
+typedef REAL NAME(lanes) __attribute__((vector_size(32)));
+enum { NAME(LANES) = 32 / sizeof(REAL) };
+
+/* exp of every lane: glibc's vector exp where the CPU has AVX2, else lane by lane */
+static inline __attribute__((always_inline)) NAME(lanes) NAME(lanes_exp)(NAME(lanes) z) {
+#if defined(__AVX2__) && !defined(MFL_SCALAR_EXP)
+    return VECTOR_EXP(z);
+#else
+    for (int l = 0; l < NAME(LANES); ++l)
+        z[l] = EXP(z[l]);
+    return z;
+#endif
+}
+
+static inline __attribute__((always_inline)) NAME(lanes) NAME(lanes_activate)(int32_t core,
+                                                                              NAME(lanes) z) {
+    const NAME(lanes) zero = {0};
+    if (core == CORE_RELU) { /* z, or 0 where z < 0 (NaN stays NaN, as torch's relu) */
+        const __typeof__(z < zero) negative = z < zero;
+        return (NAME(lanes))((__typeof__(negative))z & ~negative);
+    }
+    if (core == CORE_SIGMOID)
+        return (REAL)1 / ((REAL)1 + NAME(lanes_exp)(-z));
+    return z;
+}
+
+/* core'(z) from v = core(z) */
+static inline __attribute__((always_inline)) NAME(lanes) NAME(lanes_slope)(int32_t core,
+                                                                           NAME(lanes) v) {
+    const NAME(lanes) zero = {0}, one = zero + (REAL)1;
+    if (core == CORE_RELU) { /* 1 where relu(z) > 0, as torch's */
+        const __typeof__(v > zero) positive = v > zero;
+        return (NAME(lanes))((__typeof__(positive))one & positive);
+    }
+    if (core == CORE_SIGMOID)
+        return v - v * v;
+    return one;
+}
+
+/* The block of atoms k0 .. k0 + count - 1: inner theta'_j in weights[j], inner b in *bias and
+ * R' in *readout, lane by lane; the lanes past count are 0 (they add nothing anywhere). */
+static inline __attribute__((always_inline)) void NAME(block_weights)(
+    const end_layer *layer, int64_t width, int64_t k0, int64_t count, NAME(lanes) *weights,
+    NAME(lanes) *bias, NAME(lanes) *readout) {
+    const REAL inner = (REAL)layer->inner;
+    REAL atom[FIXED_WIDTH];
+    const NAME(lanes) zero = {0};
+    for (int64_t j = 0; j < width; ++j)
+        weights[j] = zero;
+    *bias = *readout = zero;
+    for (int64_t l = 0; l < count; ++l) {
+        const REAL b = NAME(atom_weights)(layer, width, k0 + l, atom);
+        for (int64_t j = 0; j < width; ++j)
+            weights[j][l] = inner * atom[j];
+        (*bias)[l] = inner * b;
+        (*readout)[l] = NAME(readout_weight)(layer, k0 + l, 0);
+    }
+}
+
+static inline __attribute__((always_inline)) REAL NAME(lanes_sum)(NAME(lanes) v) {
+    REAL total = (REAL)0;
+    for (int l = 0; l < NAME(LANES); ++l)
+        total += v[l];
+    return total;
+}
+
+/* One output, a constant width and core: per block of LANES atoms and per sample, z, the core
+ * and the contribution to out in vectors over the atoms; out's lanes are added at the end. */
+static inline __attribute__((always_inline)) void NAME(forward_fixed)(
+    const end_layer *layer, int64_t width, int32_t core, NAME(lanes) *restrict partial,
+    REAL *restrict out) {
+    typedef NAME(lanes) lanes;
+    const int64_t rows = layer->rows, atoms = layer->atoms;
+    const REAL *restrict x = (const REAL *)layer->x;
+    const REAL scale = (REAL)(layer->outer / layer->count);
+    const lanes zero = {0};
+    lanes weights[FIXED_WIDTH], bias, readout, shift_total = zero;
+    for (int64_t p = 0; p < rows; ++p)
+        partial[p] = zero;
+    for (int64_t k0 = 0; k0 < atoms; k0 += NAME(LANES)) {
+        const int64_t count = atoms - k0 < NAME(LANES) ? atoms - k0 : NAME(LANES);
+        NAME(block_weights)(layer, width, k0, count, weights, &bias, &readout);
+        const lanes w = readout * scale;
+        shift_total += readout;
+        for (int64_t p = 0; p < rows; ++p) {
+            lanes z = bias;
+            for (int64_t j = 0; j < width; ++j)
+                z += x[j * rows + p] * weights[j];
+            partial[p] += w * NAME(lanes_activate)(core, z);
+        }
+    }
+    const REAL shift = (REAL)(layer->shift / layer->count) * NAME(lanes_sum)(shift_total);
+    for (int64_t p = 0; p < rows; ++p)
+        out[p] += NAME(lanes_sum)(partial[p]) + shift;
+}
+
+/* One output, a constant width and core: per block of LANES atoms, one loop over the samples
+ * for z, the core, g[p] = core'(z) G[p] (kept in scratch) and the readout's sum, a second one
+ * for the sums of g; vectors over the atoms, no sum across lanes until the block's steps. The
+ * readout weight R' multiplies the sums afterwards (h = g R'). x_grad's lanes (width x rows
+ * vectors after the rows of g) are added at the end. */
 static inline __attribute__((always_inline)) void NAME(backward_fixed)(
     const end_layer *layer, int64_t width, int32_t core, const REAL *restrict grad,
-    const REAL *grad_sum, int32_t flags, const double *steps, REAL *restrict h,
+    const REAL *grad_sum, int32_t flags, const double *steps, NAME(lanes) *restrict scratch,
     REAL *restrict x_grad, REAL *squares) {
-    const int64_t rows = layer->rows;
+    typedef NAME(lanes) lanes;
+    const int64_t rows = layer->rows, atoms = layer->atoms;
     const REAL *restrict x = (const REAL *)layer->x;
-    const REAL inner = (REAL)layer->inner;
-    REAL weights[FIXED_WIDTH], sums[FIXED_WIDTH + 2];
-    for (int64_t k = 0; k < layer->atoms; ++k) {
-        const REAL bias = NAME(atom_weights)(layer, width, k, weights);
-        const REAL r = NAME(readout_weight)(layer, k, 0);
-        REAL readout_sum = 0;
-#pragma omp simd reduction(+ : readout_sum)
+    const REAL slope_scale = (REAL)(layer->outer / layer->count); /* inner is in the weights */
+    const lanes zero = {0};
+    lanes *restrict slopes = scratch, *restrict partial = scratch + rows;
+    lanes weights[FIXED_WIDTH], bias, readout;
+    REAL sums[FIXED_WIDTH + 2], totals[3] = {0, 0, 0}; /* squares, in registers */
+    if (x_grad != NULL)
+        for (int64_t i = 0; i < width * rows; ++i)
+            partial[i] = zero;
+    for (int64_t k0 = 0; k0 < atoms; k0 += NAME(LANES)) {
+        const int64_t count = atoms - k0 < NAME(LANES) ? atoms - k0 : NAME(LANES);
+        NAME(block_weights)(layer, width, k0, count, weights, &bias, &readout);
+        lanes readout_sum = zero;
         for (int64_t p = 0; p < rows; ++p) {
-            const REAL v = NAME(activate)(
-                core, NAME(preactivation)(x, rows, width, weights, bias, inner, p));
-            h[p] = grad[p] * r * NAME(slope)(core, v);
+            lanes z = bias;
+            for (int64_t j = 0; j < width; ++j)
+                z += x[j * rows + p] * weights[j];
+            const lanes v = NAME(lanes_activate)(core, z);
+            slopes[p] = grad[p] * NAME(lanes_slope)(core, v);
             readout_sum += grad[p] * v;
         }
-        REAL s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0, s9 = 0;
-        REAL s10 = 0, s11 = 0, bias_sum = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, bias_sum)
-        for (int64_t p = 0; p < rows; ++p) {
-            const REAL hp = h[p];
-            bias_sum += hp;
-            /* the width is a constant here: the tests below are resolved at compile time */
-            if (width > 0) s0 += hp * x[p];
-            if (width > 1) s1 += hp * x[rows + p];
-            if (width > 2) s2 += hp * x[2 * rows + p];
-            if (width > 3) s3 += hp * x[3 * rows + p];
-            if (width > 4) s4 += hp * x[4 * rows + p];
-            if (width > 5) s5 += hp * x[5 * rows + p];
-            if (width > 6) s6 += hp * x[6 * rows + p];
-            if (width > 7) s7 += hp * x[7 * rows + p];
-            if (width > 8) s8 += hp * x[8 * rows + p];
-            if (width > 9) s9 += hp * x[9 * rows + p];
-            if (width > 10) s10 += hp * x[10 * rows + p];
-            if (width > 11) s11 += hp * x[11 * rows + p];
-        }
-        const REAL theta_sums[FIXED_WIDTH] = {s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11};
+        lanes theta_sums[FIXED_WIDTH], bias_sum = zero;
         for (int64_t j = 0; j < width; ++j)
-            sums[j] = theta_sums[j];
-        sums[width] = bias_sum;
-        sums[width + 1] = readout_sum;
-        if (x_grad != NULL)
-            NAME(add_input_grad)(layer, weights, h, x_grad);
-        NAME(step_atom)(layer, k, sums, grad_sum, flags, steps, squares);
+            theta_sums[j] = zero;
+        for (int64_t p = 0; p < rows; ++p) {
+            const lanes g = slopes[p];
+            bias_sum += g;
+            for (int64_t j = 0; j < width; ++j)
+                theta_sums[j] += g * x[j * rows + p];
+        }
+        if (x_grad != NULL) { /* with the fields before the step */
+            for (int64_t j = 0; j < width; ++j) {
+                const lanes weight = readout * weights[j];
+                for (int64_t p = 0; p < rows; ++p)
+                    partial[j * rows + p] += slopes[p] * weight;
+            }
+        }
+        for (int64_t l = 0; l < count; ++l) {
+            for (int64_t j = 0; j < width; ++j)
+                sums[j] = theta_sums[j][l] * readout[l];
+            sums[width] = bias_sum[l] * readout[l];
+            sums[width + 1] = readout_sum[l];
+            NAME(step_atom)(layer, k0 + l, sums, grad_sum, flags, steps, totals);
+        }
     }
+    for (int i = 0; i < 3; ++i)
+        squares[i] += totals[i];
+    if (x_grad != NULL) /* the weights carried inner: x_grad = (outer inner / M) sum_k h theta' */
+        for (int64_t i = 0; i < width * rows; ++i)
+            x_grad[i] += slope_scale * NAME(lanes_sum)(partial[i]);
 }
 
 /* Several outputs or a wide input: the core values into a scratch row, h = core'(z) sum_c G[:,
@@ -282,9 +371,9 @@ static inline __attribute__((always_inline)) void NAME(backward_general)(
     default: GENERAL(CORE);                                                                        \
     }
 
-/* out (C' x rows) += the layer's contribution S.T (scratch: rows elements) */
+/* out (C' x rows) += the layer's contribution S.T (scratch: SCRATCH_ROWS x rows elements) */
 void NAME(mfl_forward)(const end_layer *layer, REAL *restrict scratch, REAL *restrict out) {
-#define FIXED(w, c) NAME(forward_fixed)(layer, w, c, out)
+#define FIXED(w, c) NAME(forward_fixed)(layer, w, c, (NAME(lanes) *)scratch, out)
 #define GENERAL(c) NAME(forward_general)(layer, c, scratch, out)
     switch (layer->core) {
     case CORE_RELU: DISPATCH(FIXED, GENERAL, CORE_RELU) break;
@@ -303,12 +392,13 @@ void NAME(mfl_forward)(const end_layer *layer, REAL *restrict scratch, REAL *res
  *   x_grad[j * rows + p] += (outer inner / M) h[p] theta'[j]   (before the step; if x_grad),
  * then f <- f - steps[f] df for each stepped field (flags: STEP_THETA | STEP_BIAS |
  * STEP_READOUT), adding sum df^2 to squares[0], [1], [2] (theta, bias, readout).
- * scratch holds 2 * rows elements. */
+ * scratch holds SCRATCH_ROWS x rows elements, 32-byte aligned. */
 void NAME(mfl_backward)(const end_layer *layer, const REAL *restrict grad,
                         const REAL *restrict grad_sum, int32_t flags, const double *steps,
                         REAL *restrict scratch, REAL *restrict x_grad, REAL *squares) {
 #define FIXED(w, c)                                                                                \
-    NAME(backward_fixed)(layer, w, c, grad, grad_sum, flags, steps, scratch, x_grad, squares)
+    NAME(backward_fixed)(layer, w, c, grad, grad_sum, flags, steps, (NAME(lanes) *)scratch,       \
+                         x_grad, squares)
 #define GENERAL(c)                                                                                 \
     NAME(backward_general)(layer, c, grad, grad_sum, flags, steps, scratch, x_grad, squares)
     switch (layer->core) {
