@@ -713,7 +713,7 @@ def threads():
     ("kept", "workers", "compiled"),
     [
         *((True, 1, False), (False, 1, False), (True, 3, False), (False, 3, False)),
-        *((False, 1, True), (False, 3, True)),
+        *((True, 1, True), (False, 1, True), (True, 3, True), (False, 3, True)),
     ],
 )
 @pytest.mark.parametrize("case", range(len(CHUNK_CASES)))

@@ -11,7 +11,8 @@ input features costs, in seconds,
 for S coupled networks with end widths ``n_1``, ``n_{L-1}`` (their neurons take only the
 backward pass: ``tracer`` = 1/2). ``first`` and ``feature`` are the first layer's cost per atom and
 sample (plus per input feature); ``last`` the last hidden layer's (``w_L`` included; for L = 2
-``last`` is 0: the readout rides in the first layer's pass). Coefficients in ``CPU_COST``,
+``last`` is 0: the readout rides in the first layer's pass). Coefficients in ``CPU_COST`` (torch
+ops; ``COMPILED_COST`` for the compiled passes of ``mflightning.limit.native``, see there),
 measured on the 2-core container of docs/benchmarks.md (reduced section) with
 ``torch.set_num_threads(1)`` and ``time.process_time`` (so that other jobs on the machine count
 less), T-REDUCED networks (relu first layer, tanh middle layers, identity readout, float64, no

@@ -426,10 +426,15 @@ def _fused(kernel: Kernel, x: Tensor) -> native.Library | None:
     return native.library() if native.supports(kernel.native, x) else None
 
 
-def _native_args(layer: EndLayer, xt: Tensor, kernel: Kernel) -> native.EndLayerArgs:
+def _native_args(
+    layer: EndLayer, xt: Tensor, kernel: Kernel, kept: Tensor | None
+) -> native.EndLayerArgs:
     """``layer`` as the compiled passes' ``end_layer`` (``xt``: ``native.padded(X)``)."""
     assert kernel.native is not None  # checked by _fused
     bias = layer.bias
+    for field in (layer.theta, layer.readout, bias):  # the C reads raw memory of xt's dtype
+        if field is not None and (field.dtype != xt.dtype or field.device != xt.device):
+            raise TypeError(f"end-layer field of {field.dtype} on {field.device}, input {xt.dtype}")
     return native.EndLayerArgs(
         rows=xt.shape[1],
         width=xt.shape[0],
@@ -449,19 +454,25 @@ def _native_args(layer: EndLayer, xt: Tensor, kernel: Kernel) -> native.EndLayer
         shift=kernel.shift,
         count=layer.count,
         core=native.CORES[kernel.native],
+        kept=native.pointer(kept),
     )
 
 
 def _fused_forward(
-    library: native.Library, layer: EndLayer, xt: Tensor, kernel: Kernel, workspace: Workspace
+    library: native.Library,
+    layer: EndLayer,
+    xt: Tensor,
+    kernel: Kernel,
+    workspace: Workspace,
+    kept: Tensor | None,
 ) -> Tensor:
-    """``forward_sum`` on one part of a layer, by the compiled passes.
+    """``forward_sum`` on one part of a layer, by the compiled passes (``kept``: its slice).
 
     ``xt`` is ``native.padded(x)``; returns ``S.T`` padded likewise.
     """
     out = xt.new_zeros(layer.readout.shape[0], xt.shape[1])
     scratch = workspace.flat("fused", xt, native.SCRATCH_ROWS * xt.shape[1])
-    library.forward(_native_args(layer, xt, kernel), scratch, out)
+    library.forward(_native_args(layer, xt, kernel, kept), scratch, out)
     return out
 
 
@@ -473,6 +484,7 @@ def _fused_backward(
     grad: tuple[Tensor, Tensor],
     workspace: Workspace,
     input_grad: bool,
+    kept: Tensor | None,
 ) -> tuple[Tensor | None, dict[str, Tensor]]:
     """``_backward_part`` by the compiled passes (``grad``: ``native.padded(G)``, ``sum_p G``).
 
@@ -481,10 +493,20 @@ def _fused_backward(
     x_grad = xt.new_zeros(xt.shape) if input_grad else None
     squares = xt.new_zeros(3)
     scratch = workspace.flat("fused", xt, native.SCRATCH_ROWS * xt.shape[1])
-    args = _native_args(layer, xt, kernel)
+    args = _native_args(layer, xt, kernel, kept)
     library.backward(args, grad[0], grad[1], layer.steps, scratch, x_grad, squares)
     totals = dict(zip(native.STEP_FLAGS, squares, strict=True))
     return x_grad, {layer.names[role]: totals[role] for role in layer.steps}
+
+
+def _kept_part(kept: Tensor, parts: list[tuple[int, int]], i: int, rows: int) -> Tensor:
+    """Part ``i``'s slice of the compiled passes' kept values.
+
+    Whole vector blocks: each part has room for ``native.KEPT_LANES`` atoms more than it holds.
+    """
+    start, stop = parts[i]
+    lanes = native.KEPT_LANES
+    return kept[rows * (start + lanes * i) : rows * (stop + lanes * (i + 1))]
 
 
 def _added(tensors: list[Tensor]) -> Tensor:
@@ -515,20 +537,27 @@ def forward_sum(
         chunk: atoms per chunk.
         workspace: scratch memory and workers.
         keep: keep the core values ``core(c u)`` under this workspace key for ``backward_step``
-            when the kernel allows it (``value_slope``) and they fit ``CACHE_ELEMENTS``.
+            when the kernel allows it (``value_slope``; with the compiled passes, layers of
+            their fixed form, ``native.keeps``) and they fit ``CACHE_ELEMENTS``.
 
     Returns:
-        ``S`` and the kept values (flat, part after part and chunk after chunk), or ``None``.
+        ``S`` and the kept values (flat, part after part and chunk after chunk; the compiled
+        passes' in vector blocks, ``_kept_part``), or ``None``.
     """
     parts = workspace.parts(layer.size, x)
     library = _fused(kernel, x)
-    if library is not None:  # recomputing a core value is as cheap as keeping it there
+    if library is not None:
         xt = native.padded(x)
-        sums = workspace.map(
-            lambda i, buffers: _fused_forward(library, layer.part(*parts[i]), xt, kernel, buffers),
-            len(parts),
-        )
-        return _added(sums)[:, : x.shape[0]].T, None
+        kept = None
+        size = xt.shape[1] * (layer.size + native.KEPT_LANES * len(parts))
+        if keep is not None and native.keeps(layer.readout.shape[0], x.shape[1]):
+            kept = workspace.flat(keep, x, size) if size <= CACHE_ELEMENTS else None
+
+        def fused(i: int, buffers: Workspace) -> Tensor:
+            part_kept = None if kept is None else _kept_part(kept, parts, i, xt.shape[1])
+            return _fused_forward(library, layer.part(*parts[i]), xt, kernel, buffers, part_kept)
+
+        return _added(workspace.map(fused, len(parts)))[:, : x.shape[0]].T, kept
     rows = x.shape[0]
     kept = None
     if keep is not None and kernel.value_slope is not None and rows * layer.size <= CACHE_ELEMENTS:
@@ -693,7 +722,10 @@ def backward_step(
         start, stop = parts[i]
         part = layer.part(start, stop)
         if library is not None:
-            return _fused_backward(library, part, xt, kernel, fused_grad, buffers, input_grad)
+            part_kept = None if kept is None else _kept_part(kept, parts, i, xt.shape[1])
+            return _fused_backward(
+                library, part, xt, kernel, fused_grad, buffers, input_grad, part_kept
+            )
         part_kept = None if kept is None else kept[rows * start : rows * stop]
         return _backward_part(part, x, kernel, grad, chunk, buffers, input_grad, part_kept)
 

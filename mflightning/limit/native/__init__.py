@@ -40,6 +40,11 @@ SOURCES = ("endatoms.c", "endatoms_body.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
 # widest input X (features q) passed in C: a wider X @ theta.T is a real matrix product
 MAX_WIDTH = 16
+# widest input of the fixed form (endatoms.c's FIXED_WIDTH), which can keep its core values
+FIXED_WIDTH = 12
+# most atoms per vector block (float32's 8): the kept values of a part of n atoms take
+# (n + KEPT_LANES) x P' elements
+KEPT_LANES = 8
 # the cores endatoms.c knows (its CORE_* constants)
 CORES = {"identity": 0, "relu": 1, "sigmoid": 2}
 STEP_FLAGS = {"theta": 1, "bias": 2, "readout": 4}  # its STEP_* constants
@@ -72,6 +77,7 @@ class EndLayerArgs(ctypes.Structure):
         ("shift", ctypes.c_double),
         ("count", ctypes.c_double),
         ("core", ctypes.c_int32),
+        ("kept", ctypes.c_void_p),
     ]
 
 
@@ -145,6 +151,15 @@ def padded(x: Tensor) -> Tensor:
     out = x.new_zeros(x.shape[1], rows)
     out[:, : x.shape[0]] = x.T
     return out
+
+
+def keeps(outputs: int, width: int) -> bool:
+    """Whether a layer of ``outputs`` outputs and ``width`` features keeps its core values.
+
+    Only the fixed form (one output, at most ``FIXED_WIDTH`` features) keeps them from the
+    forward pass for the backward pass.
+    """
+    return outputs == 1 and width <= FIXED_WIDTH
 
 
 def supports(core: str | None, x: Tensor) -> bool:

@@ -42,6 +42,9 @@ typedef struct {
     double readout_offset;
     double inner, outer, shift, count; /* phi(u) = outer core(inner u) + shift; M */
     int32_t core;                      /* CORE_* */
+    /* the fixed form's core values, kept by the forward pass for the backward pass, or NULL:
+     * block b of 32 / sizeof(REAL) atoms at kept + b * rows vectors */
+    void *kept;
 } end_layer;
 
 /* one precision per object file (MFL_REAL_BITS 64 or 32), compiled side by side and linked */

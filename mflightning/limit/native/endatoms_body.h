@@ -230,11 +230,22 @@ static inline __attribute__((always_inline)) void NAME(forward_fixed)(
         NAME(block_weights)(layer, width, k0, count, weights, &bias, &readout);
         const lanes w = readout * scale;
         shift_total += readout;
-        for (int64_t p = 0; p < rows; ++p) {
-            lanes z = bias;
-            for (int64_t j = 0; j < width; ++j)
-                z += x[j * rows + p] * weights[j];
-            partial[p] += w * NAME(lanes_activate)(core, z);
+        if (layer->kept != NULL) { /* the block's core values, for the backward pass */
+            lanes *restrict kept = (lanes *)layer->kept + (k0 / NAME(LANES)) * rows;
+            for (int64_t p = 0; p < rows; ++p) {
+                lanes z = bias;
+                for (int64_t j = 0; j < width; ++j)
+                    z += x[j * rows + p] * weights[j];
+                kept[p] = NAME(lanes_activate)(core, z);
+                partial[p] += w * kept[p];
+            }
+        } else {
+            for (int64_t p = 0; p < rows; ++p) {
+                lanes z = bias;
+                for (int64_t j = 0; j < width; ++j)
+                    z += x[j * rows + p] * weights[j];
+                partial[p] += w * NAME(lanes_activate)(core, z);
+            }
         }
     }
     const REAL shift = (REAL)(layer->shift / layer->count) * NAME(lanes_sum)(shift_total);
@@ -266,13 +277,21 @@ static inline __attribute__((always_inline)) void NAME(backward_fixed)(
         const int64_t count = atoms - k0 < NAME(LANES) ? atoms - k0 : NAME(LANES);
         NAME(block_weights)(layer, width, k0, count, weights, &bias, &readout);
         lanes readout_sum = zero;
-        for (int64_t p = 0; p < rows; ++p) {
-            lanes z = bias;
-            for (int64_t j = 0; j < width; ++j)
-                z += x[j * rows + p] * weights[j];
-            const lanes v = NAME(lanes_activate)(core, z);
-            slopes[p] = grad[p] * NAME(lanes_slope)(core, v);
-            readout_sum += grad[p] * v;
+        if (layer->kept != NULL) { /* the core values kept by the forward pass */
+            const lanes *restrict kept = (const lanes *)layer->kept + (k0 / NAME(LANES)) * rows;
+            for (int64_t p = 0; p < rows; ++p) {
+                slopes[p] = grad[p] * NAME(lanes_slope)(core, kept[p]);
+                readout_sum += grad[p] * kept[p];
+            }
+        } else {
+            for (int64_t p = 0; p < rows; ++p) {
+                lanes z = bias;
+                for (int64_t j = 0; j < width; ++j)
+                    z += x[j * rows + p] * weights[j];
+                const lanes v = NAME(lanes_activate)(core, z);
+                slopes[p] = grad[p] * NAME(lanes_slope)(core, v);
+                readout_sum += grad[p] * v;
+            }
         }
         lanes theta_sums[FIXED_WIDTH], bias_sum = zero;
         for (int64_t j = 0; j < width; ++j)
