@@ -6,10 +6,10 @@ Usage: ``python -m benchmarks reduced [--device cpu|cuda] [--quick|--tiny] [--re
 Data and laws of docs/theory.md §D.3 T-REDUCED (P = 100, d = 5, float64, tau_i = 0.5, loss
 "half_mse"), L = 4 and 5. One row per (L, M):
 
-* ``brute ms`` / ``reduced ms``: median ms per step, timed with interleaved repeats
-  (``best ms``: the fastest reduced sample), their ratio R_M / S_M and the speed-up S_M / R_M
-  (median over median); the brute force is left
-  out ("-") where its O(M^2) middle layers are too slow (CPU, M > 4096) or too big (GPU,
+* ``brute ms`` / ``reduced ms``: median ms per step, timed with interleaved repeats, each
+  sample after one untimed step of the same solver (``best ms``: the fastest reduced sample),
+  their ratio R_M / S_M and the speed-up S_M / R_M (median over median); the brute force is
+  left out ("-") where its O(M^2) middle layers are too slow (CPU, M > 4096) or too big (GPU,
   M > 16384);
 * ``peak MB``: the memory that building the network and the reduced solver and taking one step
   add at their peak above what the process held before (CPU: resident set, ``VmHWM`` reset
@@ -78,8 +78,18 @@ def thin_widths(depth: int, atoms: int) -> list[int]:
 
 
 def _step_case(solver: EulerSolver, x: Tensor, y: Tensor) -> Case:
-    """Time one Euler step of `solver` on the population `(x, y)`."""
-    return Case(lambda: solver.step(x, y))
+    """Time one Euler step of `solver` on the population `(x, y)`, after one untimed step.
+
+    The untimed step (``prepare``) lets no case pay for the one timed before it: after a
+    brute-force step torch's OpenMP threads keep spinning and its M x M matrices have evicted
+    the caches, which made the next reduced step at M = 4096 take 5.8 ms instead of 3.5 ms
+    (docs/benchmarks.md, reduced section).
+    """
+
+    def step() -> None:
+        solver.step(x, y)
+
+    return Case(step, prepare=step)
 
 
 def _resident_kb(field: str) -> int:
