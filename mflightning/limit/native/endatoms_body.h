@@ -3,9 +3,10 @@
  * The formulas are those of mflightning/limit/endatoms.py (docs/theory.md §B.3, §B.4).
  *
  * Two forms of each pass. The fixed form (one output, at most FIXED_WIDTH input features):
- * the width and the core are constants of each inlined copy, and each atom takes one loop over
- * the samples with every sum in a register. The general form (several outputs, or wider
- * inputs): the atom's core values go through a scratch row and each sum takes its own loop. */
+ * the width and the core are constants of each inlined copy, a block of atoms sits in the lanes
+ * of one vector and the samples are taken one at a time, every sum in a register. The general
+ * form (several outputs, or wider inputs): the atom's core values go through a scratch row and
+ * each sum takes its own loop. */
 
 static inline __attribute__((always_inline)) REAL NAME(activate)(int32_t core, REAL z) {
     if (core == CORE_RELU)
@@ -39,17 +40,6 @@ static inline REAL NAME(readout_weight)(const end_layer *layer, int64_t k, int64
     const REAL *readout = (const REAL *)layer->readout;
     return readout[c * layer->readout_stride[0] + k * layer->readout_stride[1]] +
            (REAL)layer->readout_offset;
-}
-
-/* z[p] = inner (sum_j x[j * rows + p] weights[j] + bias), x the transposed input */
-static inline __attribute__((always_inline)) REAL NAME(preactivation)(
-    const REAL *x, int64_t rows, int64_t width, const REAL *weights, REAL bias, REAL inner,
-    int64_t p) {
-    REAL total = bias;
-#pragma GCC unroll 12 /* completely, for the constant widths of the fixed form */
-    for (int64_t j = 0; j < width; ++j)
-        total += x[j * rows + p] * weights[j];
-    return inner * total;
 }
 
 /* ---- forward: out[c * rows + p] += sum_k R'[c, k] (outer core(z[p, k]) + shift) / M ---- */
