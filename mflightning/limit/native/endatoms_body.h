@@ -363,7 +363,7 @@ static inline __attribute__((always_inline)) void NAME(backward_general)(
 
 /* ---- the exported passes: one form per (core, width), chosen once per call ---- */
 
-#define DISPATCH(FIXED, GENERAL, CORE)                                                             \
+#define DISPATCH_WIDTH(FIXED, GENERAL, CORE)                                                       \
     switch (layer->outputs == 1 ? layer->width : 0) {                                              \
     case 1: FIXED(1, CORE); break;                                                                 \
     case 2: FIXED(2, CORE); break;                                                                 \
@@ -380,15 +380,19 @@ static inline __attribute__((always_inline)) void NAME(backward_general)(
     default: GENERAL(CORE);                                                                        \
     }
 
+/* the form of layer->core, then of its width (FIXED(width, core) or GENERAL(core)) */
+#define DISPATCH(FIXED, GENERAL)                                                                   \
+    switch (layer->core) {                                                                         \
+    case CORE_RELU: DISPATCH_WIDTH(FIXED, GENERAL, CORE_RELU) break;                              \
+    case CORE_SIGMOID: DISPATCH_WIDTH(FIXED, GENERAL, CORE_SIGMOID) break;                        \
+    default: DISPATCH_WIDTH(FIXED, GENERAL, CORE_IDENTITY)                                         \
+    }
+
 /* out (C' x rows) += the layer's contribution S.T (scratch: SCRATCH_ROWS x rows elements) */
 void NAME(mfl_forward)(const end_layer *layer, REAL *restrict scratch, REAL *restrict out) {
 #define FIXED(w, c) NAME(forward_fixed)(layer, w, c, (NAME(lanes) *)scratch, out)
 #define GENERAL(c) NAME(forward_general)(layer, c, scratch, out)
-    switch (layer->core) {
-    case CORE_RELU: DISPATCH(FIXED, GENERAL, CORE_RELU) break;
-    case CORE_SIGMOID: DISPATCH(FIXED, GENERAL, CORE_SIGMOID) break;
-    default: DISPATCH(FIXED, GENERAL, CORE_IDENTITY)
-    }
+    DISPATCH(FIXED, GENERAL)
 #undef FIXED
 #undef GENERAL
 }
@@ -410,13 +414,10 @@ void NAME(mfl_backward)(const end_layer *layer, const REAL *restrict grad,
                          x_grad, squares)
 #define GENERAL(c)                                                                                 \
     NAME(backward_general)(layer, c, grad, grad_sum, flags, steps, scratch, x_grad, squares)
-    switch (layer->core) {
-    case CORE_RELU: DISPATCH(FIXED, GENERAL, CORE_RELU) break;
-    case CORE_SIGMOID: DISPATCH(FIXED, GENERAL, CORE_SIGMOID) break;
-    default: DISPATCH(FIXED, GENERAL, CORE_IDENTITY)
-    }
+    DISPATCH(FIXED, GENERAL)
 #undef FIXED
 #undef GENERAL
 }
 
 #undef DISPATCH
+#undef DISPATCH_WIDTH
