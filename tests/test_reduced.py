@@ -3,6 +3,8 @@ T-DEGEN and T-ARAUJO; degeneracy diagnostics (§C.6)."""
 
 from __future__ import annotations
 
+import multiprocessing
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -755,7 +757,11 @@ def test_chunked_steps_match_unchunked_reference(
     np.testing.assert_allclose(losses, expected, rtol=0, atol=1e-12)
     assert losses[-1] < losses[0]
     split = workers == 3 and depth != 3  # L = 3 keeps the unchunked table pass
-    assert len(solver._workspace._workers) == (3 if split else 0)  # the split ran
+    ends = acts[:1] if depth == 2 else acts if depth > 3 else ()  # the end layers' activations
+    native_ends = [a for a in ends if compiled and native.supports(KERNELS[a].native, x.double())]
+    torch_ends = len(ends) - len(native_ends)  # passed by torch ops, on Python worker threads
+    assert len(solver._workspace._workers) == (3 if split and torch_ends else 0)  # the split ran
+    assert set(fused) == ({3 if split else 1} if native_ends else set())  # parts per C pass
     assert torch.get_num_threads() == workers  # the workers' set-up left it as it was
     for name, value in solver.fields.items():
         torch.testing.assert_close(value, reference.fields[name], rtol=0, atol=1e-12)
@@ -766,19 +772,17 @@ def test_chunked_steps_match_unchunked_reference(
     with torch.no_grad():
         expected_out = reference.forward(x, reference.fields, [])
     torch.testing.assert_close(solver(x), expected_out, rtol=0, atol=1e-12)
-    ends = acts[:1] if depth == 2 else acts if depth > 3 else ()  # the end layers' activations
-    covered = any(native.supports(KERNELS[a].native, x.double()) for a in ends)
-    assert bool(fused) == (compiled and covered)  # the compiled passes ran exactly when asked
 
 
 def count_compiled_passes(monkeypatch) -> list[int]:
-    """A list that grows by one at every call of the compiled passes (``endatoms._fused_*``)."""
+    """A list that grows at every call of the compiled passes (``endatoms._fused_*``) by the
+    number of parts the call ran side by side."""
     calls: list[int] = []
     for name in ("_fused_forward", "_fused_backward"):
         original = getattr(endatoms, name)
 
         def counted(*args, _original=original, **kwargs):
-            calls.append(1)
+            calls.append(args[2])
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(endatoms, name, counted)
@@ -838,6 +842,59 @@ def test_compiled_passes_match_torch_ops_in_both_precisions(
             )
 
 
+def split_run(monkeypatch, threads, steps: int = 8) -> tuple[list[float], dict[str, Tensor]]:
+    """Losses and fields of a depth-5 solver whose compiled passes split over 3 threads."""
+    monkeypatch.setattr(endatoms, "MIN_PART", 4)
+    threads(3)
+    solver = ReducedLimitSolver(wide_net(5, 5, torch.float64), 0.3, "mse")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 5, generator=gen, dtype=torch.float64)
+    losses = solver.run((x, torch.tanh(x[:, :1])), steps, progress=False)
+    return losses, solver.fields
+
+
+def test_compiled_passes_from_two_threads_at_once(monkeypatch, threads) -> None:
+    """Two Python threads whose solvers pass their layers at the same time: one pass holds the
+    C worker pool, the other runs its parts itself; both trajectories equal a lone run's."""
+    if native.library() is None:
+        pytest.skip("no C compiler: the compiled passes are unavailable")
+    expected, expected_fields = split_run(monkeypatch, threads)
+    results: list[tuple[list[float], dict[str, Tensor]]] = []
+
+    def run() -> None:
+        torch.set_num_threads(3)  # thread-local in OpenMP; split_threads reads it
+        results.append(split_run(monkeypatch, lambda count: None, steps=8))
+
+    workers = [threading.Thread(target=run) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(results) == 2
+    for losses, fields in results:
+        np.testing.assert_allclose(losses, expected, rtol=0, atol=1e-12)
+        for name, value in expected_fields.items():
+            torch.testing.assert_close(fields[name], value, rtol=0, atol=1e-12)
+
+
+def test_compiled_passes_in_a_forked_child(monkeypatch, threads) -> None:
+    """After the parent has started the C worker pool, a forked child (whose workers do not
+    exist) starts its own and follows the same trajectory."""
+    if native.library() is None:
+        pytest.skip("no C compiler: the compiled passes are unavailable")
+    expected, _ = split_run(monkeypatch, threads)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        losses = pool.apply(_child_losses)
+    np.testing.assert_allclose(losses, expected, rtol=0, atol=1e-12)
+
+
+def _child_losses() -> list[float]:
+    """``split_run``'s losses in a forked child (no pytest fixtures there)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return split_run(monkeypatch, torch.set_num_threads)[0]
+
+
 def test_uncompilable_passes_warn_once_and_fall_back(monkeypatch, tmp_path) -> None:
     """A compiler that fails: one RuntimeWarning naming the reason and MFL_NATIVE, then the
     torch ops (the same trajectory as MFL_NATIVE=0)."""
@@ -884,8 +941,9 @@ def test_kernels_match_torch_activations_and_autograd(name: str) -> None:
     value = ACTIVATIONS[name].fn(u)
     (slope,) = torch.autograd.grad(value.sum(), u)
     kernel = KERNELS[name]
-    torch.testing.assert_close(kernel(u.detach()), value.detach(), rtol=0, atol=2e-15)
-    torch.testing.assert_close(kernel.slope(u.detach()), slope, rtol=0, atol=2e-15)
+    kernel_value, kernel_slope = kernel.value_and_slope(u.detach())
+    torch.testing.assert_close(kernel_value, value.detach(), rtol=0, atol=2e-15)
+    torch.testing.assert_close(kernel_slope, slope, rtol=0, atol=2e-15)
     if kernel.value_slope is not None:  # the slope from the core's value
         core_value = kernel.core(kernel.inner * u.detach(), None)
         from_value = kernel.value_slope(core_value, torch.empty_like(core_value))

@@ -170,15 +170,14 @@ class Kernel:
     value_slope: Callable[[Tensor, Tensor], Tensor] | None = None
     native: str | None = None
 
-    def __call__(self, u: Tensor) -> Tensor:
-        """``phi(u)`` (a fresh tensor; reference form, used by the tests)."""
-        return self.outer * self.core(self.inner * u, None) + self.shift
+    def value_and_slope(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``(phi(u), phi'(u))``, fresh tensors: ``phi'(u) = outer * inner * core'(inner * u)``.
 
-    def slope(self, u: Tensor) -> Tensor:
-        """``phi'(u) = outer * inner * core'(inner * u)`` (reference form, used by the tests)."""
+        The reduced solver's middle layers (P-vectors) take both in one evaluation.
+        """
         slope = torch.empty_like(u)
-        self.core(self.inner * u, slope)
-        return slope.mul_(self.outer * self.inner)
+        value = self.core(self.inner * u, slope)  # inner * u is fresh: the core may overwrite it
+        return self.outer * value + self.shift, slope.mul_(self.outer * self.inner)
 
 
 KERNELS: dict[str, Kernel] = {
@@ -282,14 +281,23 @@ class Workspace:
         self._pool: ThreadPoolExecutor | None = None
         self._pid = 0  # the process that started the pool (a forked child starts its own)
         self._threads = 1  # torch's thread count when split_threads was entered
+        self._padded: list[tuple[Tensor, tuple[object, ...], Tensor]] = []  # see padded
 
     @contextlib.contextmanager
-    def split_threads(self, device: torch.device) -> Iterator[None]:
-        """Inside: this thread's torch ops on one thread, large layers split over the threads."""
+    def split_threads(self, device: torch.device, atoms: int) -> Iterator[None]:
+        """Inside: this thread's torch ops on one thread, large layers split over the threads.
+
+        ``atoms``: the largest layer's atom count. When it will be split, the compiled passes'
+        worker threads are woken on entry, so that they are awake (spinning) when the first
+        pass comes (``native.Library.wake``).
+        """
         threads = torch.get_num_threads() if device.type == "cpu" else 1
         if threads < 2:
             yield
             return
+        library = native.library() if atoms >= threads * MIN_PART else None
+        if library is not None:
+            library.wake(threads - 1)
         torch.set_num_threads(1)
         self._threads = threads
         try:
@@ -310,6 +318,22 @@ class Workspace:
             buffer = like.new_empty(numel)
             self._buffers[key] = buffer
         return buffer[:numel]
+
+    def padded(self, x: Tensor) -> Tensor:
+        """``native.padded(x)``, reused while ``x``'s memory is unchanged.
+
+        The passes of one step pad the same inputs and gradients up to three times (forward,
+        backward, the tracers' backward). The last few are kept with a reference to their
+        source, so no other tensor can occupy its memory meanwhile; an in-place change of it
+        moves its version counter.
+        """
+        key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
+        for _, known, result in self._padded:
+            if known == key:
+                return result
+        result = native.padded(x)
+        self._padded = [(x, key, result), *self._padded[:3]]
+        return result
 
     def parts(self, size: int, like: Tensor) -> list[tuple[int, int]]:
         """The ``(start, stop)`` ranges of a layer of ``size`` atoms, one per worker."""
@@ -461,24 +485,27 @@ def _native_args(
 def _fused_forward(
     library: native.Library,
     layer: EndLayer,
+    parts: int,
     xt: Tensor,
     kernel: Kernel,
     workspace: Workspace,
     kept: Tensor | None,
 ) -> Tensor:
-    """``forward_sum`` on one part of a layer, by the compiled passes (``kept``: its slice).
+    """``forward_sum`` by the compiled passes, the layer's ``parts`` parts side by side.
 
-    ``xt`` is ``native.padded(x)``; returns ``S.T`` padded likewise.
+    ``xt`` is ``native.padded(x)``, ``kept`` the buffer for the kept values (or ``None``);
+    returns ``S.T`` padded likewise.
     """
-    out = xt.new_zeros(layer.readout.shape[0], xt.shape[1])
-    scratch = workspace.flat("fused", xt, native.SCRATCH_ROWS * xt.shape[1])
-    library.forward(_native_args(layer, xt, kernel, kept), scratch, out)
-    return out
+    out = xt.new_zeros(parts, layer.readout.shape[0], xt.shape[1])
+    scratch = workspace.flat("fused", xt, parts * native.SCRATCH_ROWS * xt.shape[1])
+    library.forward(_native_args(layer, xt, kernel, kept), parts, scratch, out)
+    return out.sum(0) if parts > 1 else out[0]
 
 
 def _fused_backward(
     library: native.Library,
     layer: EndLayer,
+    parts: int,
     xt: Tensor,
     kernel: Kernel,
     grad: tuple[Tensor, Tensor],
@@ -486,27 +513,19 @@ def _fused_backward(
     input_grad: bool,
     kept: Tensor | None,
 ) -> tuple[Tensor | None, dict[str, Tensor]]:
-    """``_backward_part`` by the compiled passes (``grad``: ``native.padded(G)``, ``sum_p G``).
+    """``backward_step`` by the compiled passes, the layer's ``parts`` parts side by side.
 
-    Returns ``(dLoss/dX).T`` padded as ``xt`` (or ``None``) and the sums of squared gradients.
+    ``grad`` is ``(native.padded(G), sum_p G)``. Returns ``(dLoss/dX).T`` padded as ``xt``
+    (or ``None``) and the sums of squared gradients of the stepped fields.
     """
-    x_grad = xt.new_zeros(xt.shape) if input_grad else None
-    squares = xt.new_zeros(3)
-    scratch = workspace.flat("fused", xt, native.SCRATCH_ROWS * xt.shape[1])
+    x_grad = xt.new_zeros(parts, *xt.shape) if input_grad else None
+    squares = xt.new_zeros(parts, 3)
+    scratch = workspace.flat("fused", xt, parts * native.SCRATCH_ROWS * xt.shape[1])
     args = _native_args(layer, xt, kernel, kept)
-    library.backward(args, grad[0], grad[1], layer.steps, scratch, x_grad, squares)
-    totals = dict(zip(native.STEP_FLAGS, squares, strict=True))
-    return x_grad, {layer.names[role]: totals[role] for role in layer.steps}
-
-
-def _kept_part(kept: Tensor, parts: list[tuple[int, int]], i: int, rows: int) -> Tensor:
-    """Part ``i``'s slice of the compiled passes' kept values.
-
-    Whole vector blocks: each part has room for ``native.KEPT_LANES`` atoms more than it holds.
-    """
-    start, stop = parts[i]
-    lanes = native.KEPT_LANES
-    return kept[rows * (start + lanes * i) : rows * (stop + lanes * (i + 1))]
+    library.backward(args, parts, grad[0], grad[1], layer.steps, scratch, x_grad, squares)
+    totals = dict(zip(native.STEP_FLAGS, squares.sum(0), strict=True))
+    squared = {layer.names[role]: totals[role] for role in layer.steps}
+    return None if x_grad is None else x_grad.sum(0), squared
 
 
 def _added(tensors: list[Tensor]) -> Tensor:
@@ -542,22 +561,18 @@ def forward_sum(
 
     Returns:
         ``S`` and the kept values (flat, part after part and chunk after chunk; the compiled
-        passes' in vector blocks, ``_kept_part``), or ``None``.
+        passes' in vector blocks, part i at P' (start + ``native.KEPT_LANES`` i)), or ``None``.
     """
     parts = workspace.parts(layer.size, x)
     library = _fused(kernel, x)
     if library is not None:
-        xt = native.padded(x)
+        xt = workspace.padded(x)
         kept = None
         size = xt.shape[1] * (layer.size + native.KEPT_LANES * len(parts))
         if keep is not None and native.keeps(layer.readout.shape[0], x.shape[1]):
             kept = workspace.flat(keep, x, size) if size <= CACHE_ELEMENTS else None
-
-        def fused(i: int, buffers: Workspace) -> Tensor:
-            part_kept = None if kept is None else _kept_part(kept, parts, i, xt.shape[1])
-            return _fused_forward(library, layer.part(*parts[i]), xt, kernel, buffers, part_kept)
-
-        return _added(workspace.map(fused, len(parts)))[:, : x.shape[0]].T, kept
+        out = _fused_forward(library, layer, len(parts), xt, kernel, workspace, kept)
+        return out[:, : x.shape[0]].T, kept
     rows = x.shape[0]
     kept = None
     if keep is not None and kernel.value_slope is not None and rows * layer.size <= CACHE_ELEMENTS:
@@ -716,26 +731,23 @@ def backward_step(
     parts = workspace.parts(layer.size, x)
     library = _fused(kernel, x)
     if library is not None:
-        xt, fused_grad = native.padded(x), (native.padded(grad), grad.sum(0))
+        xt, fused_grad = workspace.padded(x), (workspace.padded(grad), grad.sum(0))
+        x_grad, part_squares = _fused_backward(
+            library, layer, len(parts), xt, kernel, fused_grad, workspace, input_grad, kept
+        )
+        results = [(None if x_grad is None else x_grad[:, :rows].T, part_squares)]
+    else:
 
-    def work(i: int, buffers: Workspace) -> tuple[Tensor | None, dict[str, Tensor]]:
-        start, stop = parts[i]
-        part = layer.part(start, stop)
-        if library is not None:
-            part_kept = None if kept is None else _kept_part(kept, parts, i, xt.shape[1])
-            return _fused_backward(
-                library, part, xt, kernel, fused_grad, buffers, input_grad, part_kept
-            )
-        part_kept = None if kept is None else kept[rows * start : rows * stop]
-        return _backward_part(part, x, kernel, grad, chunk, buffers, input_grad, part_kept)
+        def work(i: int, buffers: Workspace) -> tuple[Tensor | None, dict[str, Tensor]]:
+            start, stop = parts[i]
+            part_kept = None if kept is None else kept[rows * start : rows * stop]
+            part = layer.part(start, stop)
+            return _backward_part(part, x, kernel, grad, chunk, buffers, input_grad, part_kept)
 
-    results = workspace.map(work, len(parts))
+        results = workspace.map(work, len(parts))
     if squares is not None:
         for _, part_squares in results:
             for name, total in part_squares.items():
                 squares[name] = squares.get(name, 0.0) + total
     x_grads = [x_grad for x_grad, _ in results if x_grad is not None]
-    if not x_grads:
-        return None
-    total = _added(x_grads)
-    return total[:, :rows].T if library is not None else total
+    return _added(x_grads) if x_grads else None

@@ -32,10 +32,11 @@ the same discretisation as full-batch GD of ``ParticleLimitSolver``.
 For L = 2 and L >= 4 the end atoms are processed in chunks (``mflightning.limit.endatoms``):
 forward over the first-layer atoms to ``H_2*`` (L >= 4), through the middle scalars, forward over
 the last-layer atoms to ``H_L``; then the loss, ``dLoss/dH_L``, and back: each chunk of atoms is
-recomputed, its gradients formed by hand and its fields stepped, the middle scalars by autograd
-on P-vectors. No P x M intermediate exists at once: memory is the state plus a few P x
-``chunk_size`` blocks, and a step costs about two forward passes. L = 3 keeps the plain autograd
-pass (its M_3 x M_1 table is larger than any P x M intermediate).
+recomputed, its gradients formed by hand and its fields stepped, the middle scalars' by the chain
+rule on P-vectors, the loss's by ``mflightning.losses.loss_and_gradient``. No P x M intermediate
+exists at once: memory is the state plus a few P x ``chunk_size`` blocks, and a step costs about
+two forward passes. L = 3 keeps the plain autograd pass (its M_3 x M_1 table is larger than any
+P x M intermediate).
 
 Networks are coupled by ideal-particle integration (§B.4 item 3): their end-layer neurons are
 tracers that take the atoms' steps with the same ``dLoss/dH_L`` (and ``dLoss/dH_2*``) and add
@@ -45,6 +46,7 @@ pass (``mflightning.limit.ideal``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,7 +58,7 @@ from mflightning.guards import DivergenceError, divergence_message
 from mflightning.limit.endatoms import KERNELS, EndLayer, Workspace, backward_step, forward_sum
 from mflightning.limit.ideal import IdealCoupling, ghost, tracer_fields
 from mflightning.limit.solver import EulerSolver, check_solver_args
-from mflightning.losses import LossName, mean_field_loss
+from mflightning.losses import LossName, loss_and_gradient, mean_field_loss
 from mflightning.mlp import MeanFieldMLP
 from mflightning.nn import MeanFieldLinear
 
@@ -192,6 +194,8 @@ class ReducedLimitSolver(EulerSolver):
         ]
         names = network.activation_names
         self._kernels = (KERNELS[names[0]], KERNELS[names[-2]])  # phi_1 and phi_{L-1}
+        self._middle_kernels = [KERNELS[name] for name in names[1:-2]]  # phi_2 .. phi_{L-2}
+        self._readout_kernel = KERNELS[names[-1]]  # phi_L
         self.in_features = layers[0].weight.shape[1]
         self._atoms = (layers[0].weight.shape[0], layers[-1].weight.shape[1])  # M_1, M_L
         self._workspace = Workspace()
@@ -282,79 +286,103 @@ class ReducedLimitSolver(EulerSolver):
         bias = fields.get(names["bias"])
         return EndLayer(theta, theta_offset, bias, readout, readout_offset, count, steps, names)
 
-    def _middle(self, h2: Tensor, scalars: dict[str, Tensor]) -> Tensor:
-        """``phi_{L-2}(H_{L-2}*(x))`` (P,) from ``H_2*(x) - b_2`` and the middle scalars.
+    def _middle(self, h2: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``(phi_{i-1}(H_{i-1}*), phi_{i-1}'(H_{i-1}*))`` (P x 1 each) for i = 3 .. L-1.
 
-        ``H_i*(x) = (mu_i + w_i#) phi_{i-1}(H_{i-1}*(x)) + b_i*`` for 3 <= i <= L-2 (§B.3).
+        From ``h2 = H_2*(x) - b_2`` (P x 1) through the middle scalars,
+        ``H_i*(x) = (mu_i + w_i#) phi_{i-1}(H_{i-1}*(x)) + b_i*`` for 3 <= i <= L-2 (§B.3);
+        the last value is the last layer's input ``phi_{L-2}(H_{L-2}*)``, the others are what
+        ``_middle_backward`` needs.
         """
-        phi, mu = self._activations, self._means
-        h = h2 + scalars.get("b2", 0.0)
-        for i in range(3, self.depth - 1):
-            h = (mu[i] + scalars[f"w{i}#"]) * phi[i - 2](h) + scalars.get(f"b{i}", 0.0)
-        return phi[self.depth - 3](h)
+        f, mu = self._fields, self._means
+        h = h2 + f["b2"] if "b2" in f else h2
+        slopes = []
+        for i, kernel in enumerate(self._middle_kernels, 3):
+            value, slope = kernel.value_and_slope(h)
+            slopes.append((value, slope))
+            if i < self.depth - 1:
+                h = (mu[i] + f[f"w{i}#"]) * value + f.get(f"b{i}", 0.0)
+        return slopes
+
+    def _middle_backward(
+        self, feature_grad: Tensor, slopes: list[tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``dLoss/dH_2*`` (P x 1) and the trainable middle scalars' gradients (chain rule).
+
+        From ``g = dLoss/dfeature * phi_{L-2}'``, down the layers i = L-2 .. 3:
+        ``dLoss/db_i* = sum_p g``, ``dLoss/dw_i# = sum_p g phi_{i-1}(H_{i-1}*)``,
+        ``g <- g (mu_i + w_i#) phi_{i-1}'(H_{i-1}*)``; then ``dLoss/db_2* = sum_p g``.
+        """
+        f, mu, trainable = self._fields, self._means, self._multipliers
+        grad = feature_grad * slopes[-1][1]
+        grads: dict[str, Tensor] = {}
+        for i in range(self.depth - 2, 2, -1):
+            value, slope = slopes[i - 3]
+            if f"b{i}" in trainable:
+                grads[f"b{i}"] = grad.sum()
+            if f"w{i}#" in trainable:
+                grads[f"w{i}#"] = torch.vdot(grad[:, 0], value[:, 0])
+            grad = grad * (mu[i] + f[f"w{i}#"]) * slope
+        if "b2" in trainable:
+            grads["b2"] = grad.sum()
+        return grad, grads
 
     def _readout(self, out: Tensor, bias: Tensor | float) -> Tensor:
         """``yhat = phi_L(H_L)`` from ``H_L - b_L`` (P, out)."""
         return self._activations[self.depth - 1](out + bias)
 
     def _chunked_forward(
-        self, x: Tensor, scalars: dict[str, Tensor], keep: bool = False
-    ) -> tuple[Tensor, Tensor | None, Tensor | None, tuple[Tensor | None, Tensor | None]]:
-        """``(H_L - b_L, h2, feature, kept)`` for L = 2 or L >= 4, the end atoms in chunks.
+        self, inputs: Tensor, keep: bool = False
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], tuple[Tensor | None, Tensor | None]]:
+        """``(H_L - b_L, slopes, kept)`` for L = 2 or L >= 4, the end atoms in chunks.
 
-        For L >= 4, ``h2 = H_2* - b_2`` is returned as a leaf that requires grad and ``feature``
-        (P,) is computed from it and ``scalars`` (autograd-tracked when grad mode is on); both
-        are ``None`` for L = 2. ``kept``: the first and last layers' core values kept for the
-        backward pass (``keep``; see ``endatoms.forward_sum``), or ``None``.
+        ``inputs`` is ``s x``. ``slopes``: ``_middle``'s (empty for L = 2), its last value the
+        last layer's input ``phi_{L-2}(H_{L-2}*)``. ``kept``: the first and last layers' core
+        values kept for the backward pass (``keep``; see ``endatoms.forward_sum``), or ``None``.
         """
-        chunk, kernels, space = self._chunk_atoms(x.shape[0]), self._kernels, self._workspace
-        inputs = self._input_scale * x
+        chunk, kernels, space = self._chunk_atoms(inputs.shape[0]), self._kernels, self._workspace
         first_layer = self._end_layer(self._fields, True)
         first, kept = forward_sum(
             first_layer, inputs, kernels[0], chunk, space, "first" if keep else None
         )
         if self.depth == 2:
-            return first, None, None, (kept, None)
-        h2 = first[:, 0].requires_grad_()
-        feature = self._middle(h2, scalars)
+            return first, [], (kept, None)
+        slopes = self._middle(first)
         last = self._end_layer(self._fields, False)
         out, kept_last = forward_sum(
-            last, feature.detach()[:, None], kernels[1], chunk, space, "last" if keep else None
+            last, slopes[-1][0], kernels[1], chunk, space, "last" if keep else None
         )
-        return out, h2, feature, (kept, kept_last)
+        return out, slopes, (kept, kept_last)
 
     def _chunked_step(self, x: Tensor, y: Tensor) -> float:
         """One Euler step for L = 2 or L >= 4 (see ``endatoms``); returns the loss before it.
 
         Forward over the first-layer atoms (to ``H_2*``), the middle scalars, the last-layer
-        atoms (to ``H_L``); the loss and ``G = dLoss/dH_L``; then back over the last-layer
-        atoms (stepping them, and giving ``dLoss/dfeature``), the middle scalars (autograd on
-        P-vectors) and the first-layer atoms. Tracer sets take their steps with the same ``G``
-        (and ``dLoss/dH_2*``) and add nothing to the forward pass (§B.4 item 3).
+        atoms (to ``H_L``); the loss and ``G = dLoss/dH_L`` (``losses.loss_and_gradient``);
+        then back over the last-layer atoms (stepping them, and giving ``dLoss/dfeature``), the
+        middle scalars (``_middle_backward``) and the first-layer atoms. Tracer sets take
+        their steps with the same ``G`` (and ``dLoss/dH_2*``) and add nothing to the forward
+        pass (§B.4 item 3).
         """
-        f, depth, kernels = self._fields, self.depth, self._kernels
-        trainable = self._multipliers
-        scalars = {
-            name: f[name].detach().requires_grad_(name in trainable) for name in self._scalars
-        }
-        out, h2, feature, (kept_first, kept_last) = self._chunked_forward(x, scalars, keep=True)
-        out.requires_grad_()
-        bias_name = f"b{depth}"
-        bias = f[bias_name].detach().requires_grad_() if bias_name in trainable else None
-        offset = f.get(bias_name, 0.0) if bias is None else bias
-        loss = mean_field_loss(self.loss, self._readout(out, offset), y)
-        self._check_loss(loss)
-        grads = torch.autograd.grad(loss, [out] if bias is None else [out, bias])
-        out_grad, chunk, space = grads[0], self._chunk_atoms(x.shape[0]), self._workspace
-        squares: dict[str, Tensor] = {}
+        f, depth, kernels, trainable = self._fields, self.depth, self._kernels, self._multipliers
         inputs = self._input_scale * x
+        out, slopes, (kept_first, kept_last) = self._chunked_forward(inputs, keep=True)
+        bias_name = f"b{depth}"
+        prediction, readout_slope = self._readout_kernel.value_and_slope(
+            out + f[bias_name] if bias_name in f else out
+        )
+        loss, prediction_grad = loss_and_gradient(self.loss, prediction, y)
+        value = loss.item()
+        self._check_loss(value)
+        out_grad = prediction_grad.mul_(readout_slope)  # dLoss/dH_L
+        chunk, space = self._chunk_atoms(x.shape[0]), self._workspace
+        squares: dict[str, Tensor] = {}
         tracers = self._merged  # every coupled network's neurons at once
         first_grad: Tensor | None = out_grad
         if depth >= 4:
-            assert h2 is not None and feature is not None  # L >= 4
             last = self._end_layer(f, False)
             upstream = [name for name in ("w1", "b1", "g2", *self._scalars) if name in trainable]
-            features = feature.detach()[:, None]
+            features = slopes[-1][0]
             feature_grad = backward_step(
                 last,
                 features,
@@ -371,12 +399,8 @@ class ReducedLimitSolver(EulerSolver):
                 backward_step(tracer_last, features, kernels[1], out_grad, chunk, space)
             first_grad = None
             if feature_grad is not None:
-                moving = [name for name in self._scalars if name in trainable]
-                inner = torch.autograd.grad(
-                    feature, [h2] + [scalars[name] for name in moving], feature_grad[:, 0]
-                )
-                first_grad = inner[0][:, None]
-                self._step_fields(dict(zip(moving, inner[1:], strict=True)), squares)
+                first_grad, scalar_grads = self._middle_backward(feature_grad, slopes)
+                self._step_fields(scalar_grads, squares)
         if first_grad is not None:
             first = self._end_layer(f, True)
             backward_step(
@@ -385,11 +409,11 @@ class ReducedLimitSolver(EulerSolver):
             if tracers:
                 tracer_first = self._end_layer(tracers, True)
                 backward_step(tracer_first, inputs, kernels[0], first_grad, chunk, space)
-        if bias is not None:
-            self._step_fields({bias_name: grads[1]}, squares)
+        if bias_name in trainable:
+            self._step_fields({bias_name: out_grad.sum(0)}, squares)
         self._squares = squares
         self._steps += 1
-        return loss.item()
+        return value
 
     def _step_fields(self, grads: dict[str, Tensor], squares: dict[str, Tensor]) -> None:
         """``f <- f - lr * multiplier * grad`` for solver fields; records the squared grads."""
@@ -407,10 +431,10 @@ class ReducedLimitSolver(EulerSolver):
             for name, total in self._squares.items()
         }
 
-    def _check_loss(self, loss: Tensor) -> None:
+    def _check_loss(self, loss: float) -> None:
         """Raise ``DivergenceError`` (before any update) unless the loss is finite."""
-        if not torch.isfinite(loss):
-            what = f"the loss is {loss.item()}"
+        if not math.isfinite(loss):
+            what = f"the loss is {loss}"
             message = divergence_message(
                 "reduced limit solver", what, self._steps, self.time, self._update_sizes()
             )
@@ -459,7 +483,8 @@ class ReducedLimitSolver(EulerSolver):
             for t, moving in self._tracers
         ]
         loss = mean_field_loss(self.loss, self._table_forward(x, leaves, tracers), y)
-        self._check_loss(loss)
+        value = loss.item()
+        self._check_loss(value)
         names = list(trainable)
         moving = [
             (t[name], tracer[name], trainable[name.split(":")[0]])
@@ -476,7 +501,7 @@ class ReducedLimitSolver(EulerSolver):
             for (field, _, multiplier), grad in zip(moving, grads[len(names) :], strict=True):
                 field.sub_(grad, alpha=self.lr * multiplier)
         self._steps += 1
-        return loss.item()
+        return value
 
     def _euler_step(self, x: Tensor, y: Tensor) -> float:
         """One Euler step ``f <- f - lr * multiplier * dLoss/df``; returns the loss before it.
@@ -486,7 +511,7 @@ class ReducedLimitSolver(EulerSolver):
         """
         if self.depth == 3:
             return self._table_step(x, y)
-        with self._workspace.split_threads(self.device):
+        with self._workspace.split_threads(self.device, max(self._atoms)):
             return self._chunked_step(x, y)
 
     def _prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -516,8 +541,8 @@ class ReducedLimitSolver(EulerSolver):
         x = x.to(device=self.device, dtype=self.dtype)
         if self.depth == 3:
             return self._table_forward(x, self._fields)
-        with self._workspace.split_threads(self.device):
-            out, _, _, _ = self._chunked_forward(x, self._fields)
+        with self._workspace.split_threads(self.device, max(self._atoms)):
+            out, _, _ = self._chunked_forward(self._input_scale * x)
         return self._readout(out, self._fields.get(f"b{self.depth}", 0.0))
 
     def couple(

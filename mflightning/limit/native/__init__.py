@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-SOURCES = ("endatoms.c", "endatoms_body.h")
+SOURCES = ("endatoms.c", "endatoms_body.h", "pool.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
 # widest input X (features q) passed in C: a wider X @ theta.T is a real matrix product
 MAX_WIDTH = 16
@@ -88,22 +88,37 @@ def pointer(tensor: Tensor | None) -> int | None:
 
 @dataclass(frozen=True)
 class Library:
-    """The compiled passes (``mfl_forward_*``, ``mfl_backward_*``; see endatoms.c)."""
+    """The compiled passes (``mfl_forward_*``, ``mfl_backward_*``; see endatoms.c).
+
+    A layer's ``parts`` parts (atoms ``n i / parts`` to ``n (i + 1) / parts``) run side by
+    side: the first on the calling thread, the others on pool.c's worker threads, which spin
+    for 1 ms after each part so that the next pass finds them awake (the GIL is released
+    meanwhile). Each part writes into its own slice of the output buffers; the caller adds them.
+    """
 
     handle: ctypes.CDLL
 
-    def forward(self, layer: EndLayerArgs, scratch: Tensor, out: Tensor) -> None:
-        """``out[c, p] += sum_k R'[c, k] phi(u[p, k]) / M``.
+    def wake(self, workers: int) -> None:
+        """Start ``workers`` worker threads spinning now, without waiting for them.
 
-        ``scratch``: ``SCRATCH_ROWS`` x P elements; ``out``: (C', P), contiguous, the layer's
-        dtype.
+        A sleeping worker takes 65-150 us to wake on the project's 2-vCPU virtual machine;
+        woken at the start of a step, it is awake by its first pass.
+        """
+        self.handle.mfl_pool_wake(workers)
+
+    def forward(self, layer: EndLayerArgs, parts: int, scratch: Tensor, out: Tensor) -> None:
+        """``out[i, c, p] = sum_{k in part i} R'[c, k] phi(u[p, k]) / M``, added to.
+
+        ``scratch``: ``parts x SCRATCH_ROWS x P`` elements; ``out``: (parts, C', P),
+        contiguous, the layer's dtype.
         """
         function = getattr(self.handle, f"mfl_forward_{_suffix(out)}")
-        function(ctypes.byref(layer), pointer(scratch), pointer(out))
+        function(ctypes.byref(layer), parts, pointer(scratch), pointer(out))
 
     def backward(
         self,
         layer: EndLayerArgs,
+        parts: int,
         grad: Tensor,
         grad_sum: Tensor,
         steps: dict[str, float],
@@ -114,19 +129,21 @@ class Library:
         """The gradients of every atom's fields and the Euler steps of those in ``steps``.
 
         Args:
-            layer: the part of the layer (its fields are stepped in place).
+            layer: the layer (its fields are stepped in place).
+            parts: how many parts run side by side.
             grad: ``G.T`` (C', P), contiguous.
             grad_sum: ``sum_p G[p, c]`` (C',).
             steps: ``h m`` of each stepped role (``"theta"``, ``"bias"``, ``"readout"``).
-            scratch: ``SCRATCH_ROWS`` x P elements.
-            x_grad: ``(dLoss/dX).T`` (q, P), accumulated into, or ``None``.
-            squares: (3,) sums of squared gradients of theta, bias, readout, added to.
+            scratch: ``parts x SCRATCH_ROWS x P`` elements.
+            x_grad: ``(dLoss/dX).T`` of each part (parts, q, P), accumulated into, or ``None``.
+            squares: (parts, 3) sums of squared gradients of theta, bias, readout, added to.
         """
         flags = sum(STEP_FLAGS[role] for role in steps)
         sizes = (ctypes.c_double * 3)(*(steps.get(role, 0.0) for role in STEP_FLAGS))
         function = getattr(self.handle, f"mfl_backward_{_suffix(grad)}")
         function(
             ctypes.byref(layer),
+            parts,
             pointer(grad),
             pointer(grad_sum),
             flags,
@@ -148,9 +165,7 @@ def padded(x: Tensor) -> Tensor:
     of endatoms.c. A zero sample adds nothing to any gradient, and its outputs are dropped.
     """
     rows = -(-x.shape[0] // ROW_MULTIPLE) * ROW_MULTIPLE
-    out = x.new_zeros(x.shape[1], rows)
-    out[:, : x.shape[0]] = x.T
-    return out
+    return torch.constant_pad_nd(x.T, (0, rows - x.shape[0])).contiguous()
 
 
 def keeps(outputs: int, width: int) -> bool:
@@ -222,16 +237,18 @@ def _load() -> Library | None:
     except OSError as error:
         _warn(f"{target} could not be loaded: {error}")
         return None
-    layer, address = ctypes.POINTER(EndLayerArgs), ctypes.c_void_p
+    layer, address, parts = ctypes.POINTER(EndLayerArgs), ctypes.c_void_p, ctypes.c_int32
     for suffix in ("f64", "f32"):
         forward = getattr(handle, f"mfl_forward_{suffix}")
-        forward.argtypes = [layer, address, address]
+        forward.argtypes = [layer, parts, address, address]
         backward = getattr(handle, f"mfl_backward_{suffix}")
         backward.argtypes = [
-            *(layer, address, address, ctypes.c_int32),
+            *(layer, parts, address, address, ctypes.c_int32),
             *(ctypes.POINTER(ctypes.c_double), address, address, address),
         ]
         forward.restype = backward.restype = None
+    handle.mfl_pool_wake.argtypes = [ctypes.c_int32]
+    handle.mfl_pool_wake.restype = None
     return Library(handle)
 
 
@@ -271,13 +288,16 @@ def _compile(compiler: str, target: Path) -> str | None:
     for defines, libraries in ((), ("-lmvec", "-lm")), (("-DMFL_SCALAR_EXP",), ("-lm",)):
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             objects = [Path(scratch, f"endatoms{bits}.o") for bits in (64, 32)]
-            base = [compiler, *FLAGS, "-fPIC", *defines, "-c", str(_HERE / "endatoms.c")]
+            base = [compiler, *FLAGS, "-fPIC", "-pthread", *defines, "-c"]
             compiles = [
-                [*base, f"-DMFL_REAL_BITS={bits}", "-o", str(obj)]
+                [*base, str(_HERE / "endatoms.c"), f"-DMFL_REAL_BITS={bits}", "-o", str(obj)]
                 for bits, obj in zip((64, 32), objects, strict=True)
             ]
+            objects.append(Path(scratch, "pool.o"))
+            compiles.append([*base, str(_HERE / "pool.c"), "-o", str(objects[-1])])
             linked = Path(scratch, "endatoms.so")
-            link = [compiler, "-shared", *map(str, objects), "-o", str(linked), *libraries]
+            link = [compiler, "-shared", "-pthread", *map(str, objects), "-o", str(linked)]
+            link += libraries
             error = _run_all(compiles) or _run_all([link])
             if not error:
                 os.replace(linked, target)  # atomic: concurrent processes race harmlessly

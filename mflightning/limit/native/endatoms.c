@@ -23,6 +23,9 @@ enum { CORE_IDENTITY = 0, CORE_RELU = 1, CORE_SIGMOID = 2 };
 enum { STEP_THETA = 1, STEP_BIAS = 2, STEP_READOUT = 4 };
 enum { MAX_WIDTH = 16 };  /* widest input X; mflightning.limit.native.MAX_WIDTH */
 enum { FIXED_WIDTH = 12 }; /* widest input with its own unrolled passes */
+/* most atoms per vector block: part i of a layer keeps its core values at rows x (start +
+ * KEPT_LANES i); mflightning.limit.native.KEPT_LANES */
+enum { KEPT_LANES = 8 };
 /* scratch rows of rows elements the passes need: the fixed form's g and lane sums of x_grad
  * ((1 + FIXED_WIDTH) x rows vectors of up to 8 lanes); mflightning.limit.native.SCRATCH_ROWS */
 enum { SCRATCH_ROWS = 8 * (1 + FIXED_WIDTH) };
@@ -46,6 +49,10 @@ typedef struct {
      * block b of 32 / sizeof(REAL) atoms at kept + b * rows vectors */
     void *kept;
 } end_layer;
+
+/* pool.c: task(context, i) for 0 <= i < parts, side by side, part 0 on the calling thread */
+typedef void (*mfl_task)(void *context, int part);
+void mfl_pool_run(mfl_task task, void *context, int parts);
 
 /* one precision per object file (MFL_REAL_BITS 64 or 32), compiled side by side and linked */
 #if MFL_REAL_BITS == 32

@@ -389,7 +389,7 @@ static inline __attribute__((always_inline)) void NAME(backward_general)(
     }
 
 /* out (C' x rows) += the layer's contribution S.T (scratch: SCRATCH_ROWS x rows elements) */
-void NAME(mfl_forward)(const end_layer *layer, REAL *restrict scratch, REAL *restrict out) {
+static void NAME(forward)(const end_layer *layer, REAL *restrict scratch, REAL *restrict out) {
 #define FIXED(w, c) NAME(forward_fixed)(layer, w, c, (NAME(lanes) *)scratch, out)
 #define GENERAL(c) NAME(forward_general)(layer, c, scratch, out)
     DISPATCH(FIXED, GENERAL)
@@ -406,9 +406,9 @@ void NAME(mfl_forward)(const end_layer *layer, REAL *restrict scratch, REAL *res
  * then f <- f - steps[f] df for each stepped field (flags: STEP_THETA | STEP_BIAS |
  * STEP_READOUT), adding sum df^2 to squares[0], [1], [2] (theta, bias, readout).
  * scratch holds SCRATCH_ROWS x rows elements, 32-byte aligned. */
-void NAME(mfl_backward)(const end_layer *layer, const REAL *restrict grad,
-                        const REAL *restrict grad_sum, int32_t flags, const double *steps,
-                        REAL *restrict scratch, REAL *restrict x_grad, REAL *squares) {
+static void NAME(backward)(const end_layer *layer, const REAL *restrict grad,
+                            const REAL *restrict grad_sum, int32_t flags, const double *steps,
+                            REAL *restrict scratch, REAL *restrict x_grad, REAL *squares) {
 #define FIXED(w, c)                                                                                \
     NAME(backward_fixed)(layer, w, c, grad, grad_sum, flags, steps, (NAME(lanes) *)scratch,       \
                          x_grad, squares)
@@ -421,3 +421,67 @@ void NAME(mfl_backward)(const end_layer *layer, const REAL *restrict grad,
 
 #undef DISPATCH
 #undef DISPATCH_WIDTH
+
+/* ---- the entry points: a layer's parts side by side on pool.c's threads ---- */
+
+/* Part `part` of `parts` of a layer: atoms start .. stop - 1 with start = atoms part / parts
+ * (as mflightning.limit.endatoms.Workspace.parts), its kept values at rows x (start +
+ * KEPT_LANES part). */
+static end_layer NAME(part)(const end_layer *layer, int part, int parts) {
+    end_layer view = *layer;
+    const int64_t start = layer->atoms * part / parts, stop = layer->atoms * (part + 1) / parts;
+    view.atoms = stop - start;
+    view.theta = (REAL *)layer->theta + start * layer->theta_stride[0];
+    if (layer->bias != NULL)
+        view.bias = (REAL *)layer->bias + start * layer->bias_stride;
+    view.readout = (REAL *)layer->readout + start * layer->readout_stride[1];
+    if (layer->kept != NULL)
+        view.kept = (REAL *)layer->kept + layer->rows * (start + KEPT_LANES * part);
+    return view;
+}
+
+typedef struct {
+    const end_layer *layer;
+    int parts;
+    REAL *scratch, *out;
+} NAME(forward_pass);
+
+static void NAME(forward_task)(void *context, int part) {
+    const NAME(forward_pass) *pass = context;
+    const end_layer view = NAME(part)(pass->layer, part, pass->parts);
+    NAME(forward)(&view, pass->scratch + part * SCRATCH_ROWS * view.rows,
+                  pass->out + part * view.outputs * view.rows);
+}
+
+/* The forward pass of a layer in `parts` parts: part i adds its S.T into out + i C' rows
+ * (scratch: parts x SCRATCH_ROWS x rows elements). */
+void NAME(mfl_forward)(const end_layer *layer, int32_t parts, REAL *scratch, REAL *out) {
+    NAME(forward_pass) pass = {layer, parts, scratch, out};
+    mfl_pool_run(NAME(forward_task), &pass, parts);
+}
+
+typedef struct {
+    const end_layer *layer;
+    int parts;
+    const REAL *grad, *grad_sum;
+    int32_t flags;
+    const double *steps;
+    REAL *scratch, *x_grad, *squares;
+} NAME(backward_pass);
+
+static void NAME(backward_task)(void *context, int part) {
+    const NAME(backward_pass) *pass = context;
+    const end_layer view = NAME(part)(pass->layer, part, pass->parts);
+    REAL *x_grad = pass->x_grad == NULL ? NULL : pass->x_grad + part * view.width * view.rows;
+    NAME(backward)(&view, pass->grad, pass->grad_sum, pass->flags, pass->steps,
+                   pass->scratch + part * SCRATCH_ROWS * view.rows, x_grad, pass->squares + 3 * part);
+}
+
+/* The backward pass and Euler steps of a layer in `parts` parts: part i accumulates into
+ * x_grad + i q rows (or not, if NULL) and squares + 3 i (scratch as mfl_forward's). */
+void NAME(mfl_backward)(const end_layer *layer, int32_t parts, const REAL *grad,
+                        const REAL *grad_sum, int32_t flags, const double *steps, REAL *scratch,
+                        REAL *x_grad, REAL *squares) {
+    NAME(backward_pass) pass = {layer, parts, grad, grad_sum, flags, steps, scratch, x_grad, squares};
+    mfl_pool_run(NAME(backward_task), &pass, parts);
+}
