@@ -69,8 +69,10 @@ class ReducedCost:
 CPU_COST = ReducedCost()
 # with the compiled passes (mflightning.limit.native), same machine, one thread, best of 60
 # passes of 10^5 atoms (P = 100): relu first layer (d = 5) forward 0.5-0.6 ns and backward
-# 1.7-1.8 ns per atom and sample, tanh last layer 1.8-2.1 ns and 2.5-2.6 ns
-COMPILED_COST = ReducedCost(first=0.8e-9, last=4.5e-9)
+# 1.7-1.8 ns per atom and sample, tanh last layer 1.8-2.1 ns and 2.5-2.6 ns; fixed: the median
+# process time of a step at M = 64 (one thread) 0.28 ms (L = 2), 0.51 (L = 4), 0.60 (L = 5),
+# less the atoms' 0.04 ms; two threads: 580 -> 295-320 ms at M = 10^6 (L = 5), 1.8-2.0x
+COMPILED_COST = ReducedCost(fixed=0.25e-3, layer=1.0e-4, first=0.8e-9, last=4.5e-9, speedup=1.9)
 
 
 def cpu_cost() -> ReducedCost:

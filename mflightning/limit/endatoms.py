@@ -37,12 +37,13 @@ contraction.
 On a CPU, layers whose core is identity, relu or sigmoid (tanh) with at most
 ``native.MAX_WIDTH`` input features are passed by compiled C instead (``mflightning.limit.native``:
 blocks of atoms in the lanes of a vector, one sample at a time, no chunk buffers; the same
-formulas, results equal to rounding); the torch ops below cover every other case (GPUs, other
-activations, wide inputs, no C compiler, ``MFL_NATIVE=0``).
+formulas, results equal to rounding; a large layer's parts run side by side on the C library's
+own worker threads); the torch ops below cover every other case (GPUs, other activations, wide
+inputs, no C compiler, ``MFL_NATIVE=0``).
 
-In the torch ops, a layer whose P x n core values fit ``CACHE_ELEMENTS`` keeps them from the
-forward pass for the backward pass (small M); a larger one is recomputed chunk by chunk. Either
-way a large layer is split over worker threads (``Workspace``). At M = 10^6, P = 100 a step with
+A layer whose P x n core values fit ``CACHE_ELEMENTS`` keeps them from the forward pass for the
+backward pass (small M); a larger one is recomputed chunk by chunk. In the torch ops a large
+layer is split over Python worker threads (``Workspace``). At M = 10^6, P = 100 a step with
 the torch ops is about two evaluations of the last layer's activation per atom and sample (4.4
 of its 10 ns per atom-sample on one core of the 2-core container) plus five skinny matrix
 products (``torch.mm`` with K = d or 100); with the compiled passes about 6 ns, 3-4 of them the
@@ -268,8 +269,9 @@ class Workspace:
       the first write to each chunk at M = 4096).
     * Threads: inside ``split_threads`` on a CPU with T > 1 torch threads, the calling thread's
       ops run on one thread and a layer of at least ``T * MIN_PART`` atoms is split into T
-      contiguous parts, each passed by its own worker thread with single-threaded ops
-      (``parts``, ``map``), instead of splitting every op over T threads. Same arithmetic and
+      contiguous parts (``parts``), passed side by side by the compiled passes' own threads
+      (``native``) or, with the torch ops, each by a Python worker thread with single-threaded
+      ops (``map``), instead of splitting every op over T threads. Same arithmetic and
       a fixed order of the partial sums, but one synchronisation per pass instead of one per
       op (and per MKL call, even on 100 numbers): on the shared 2-core container with other
       jobs running, a step at M = 10^6 went from 8-27 s to 1.4-1.9 s, as fast when it is quiet.

@@ -2,13 +2,20 @@
 
 ``mflightning.limit.endatoms`` passes an end layer in chunks of P x n blocks with torch ops:
 each op is one more trip of the block through the cache, and float64 ``sigmoid`` costs about
-3 ns per element on the project's CPU. ``endatoms.c`` does the same passes one atom at a time,
-every loop over the P samples vectorised (OpenMP ``simd``, glibc's vector ``exp``): the
-pre-activation, the core, the sums over the samples and the Euler steps of one atom stay in
-the L1 cache, and a sigmoid costs one vector ``exp`` (docs/benchmarks.md, reduced section).
-It covers the cores identity, relu and sigmoid (tanh is ``2 sigmoid(2u) - 1``) in float32 and
-float64, for inputs of at most ``MAX_WIDTH`` features (wider inputs are a matrix product,
-where torch's BLAS is faster).
+3 ns per element on the project's CPU. ``endatoms.c`` does the same passes with a block of
+atoms in the lanes of one vector and the samples taken one at a time (glibc's vector ``exp``):
+the pre-activation, the core, the sums over the samples and the Euler steps stay in registers,
+and a sigmoid costs one vector ``exp`` (docs/benchmarks.md, reduced section). It covers the
+cores identity, relu and sigmoid (tanh is ``2 sigmoid(2u) - 1``) in float32 and float64, for
+inputs of at most ``MAX_WIDTH`` features (wider inputs are a matrix product, where torch's BLAS
+is faster).
+
+A pass over a large layer is split into T parts (T torch threads, ``Workspace.parts``) inside
+the C library: part 0 runs on the calling thread, the others on ``pool.c``'s worker threads,
+which spin for 1 ms after each part (a Python thread pool cannot spin without holding the GIL,
+and waking a sleeping thread took 65-150 us on the project's 2-vCPU VM, half a pass at
+M = 4096). A second caller while a pass is in flight runs its parts itself; a forked child
+starts its own workers.
 
 The library is compiled by the system's C compiler (``$CC``, else ``cc``) with ``FLAGS`` into
 ``$MFL_CACHE_DIR`` (default ``~/.cache/mflightning``), under a name that hashes the sources,

@@ -1,10 +1,11 @@
 /* Fused passes over the end atoms of the reduced solver, on a CPU (mflightning.limit.native).
  *
- * One atom at a time, each loop over the P samples vectorised (OpenMP simd, glibc's vector
- * exp): the P x n intermediates of mflightning/limit/endatoms.py never leave the L1 cache, and
- * the sigmoid core costs one vector exp. Compiled at first use by mflightning.limit.native
- * (cc -O3 -march=native -fopenmp-simd, once per precision: -DMFL_REAL_BITS=64 or 32); the
- * fields and buffers are torch tensors' memory. */
+ * Blocks of atoms in the lanes of a vector, the samples one at a time, glibc's vector exp
+ * (endatoms_body.h): the P x n intermediates of mflightning/limit/endatoms.py never exist, and
+ * the sigmoid core costs one vector exp. A layer's parts run side by side on pool.c's threads.
+ * Compiled at first use by mflightning.limit.native (cc -O3 -march=native -fopenmp-simd, once
+ * per precision: -DMFL_REAL_BITS=64 or 32, linked with pool.c); the fields and buffers are
+ * torch tensors' memory. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
