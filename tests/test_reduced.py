@@ -854,8 +854,8 @@ def split_run(monkeypatch, threads, steps: int = 8) -> tuple[list[float], dict[s
 
 
 def test_compiled_passes_from_two_threads_at_once(monkeypatch, threads) -> None:
-    """Two Python threads whose solvers pass their layers at the same time: one pass holds the
-    C worker pool, the other runs its parts itself; both trajectories equal a lone run's."""
+    """Two Python threads whose solvers pass their split layers at the same time (each its own
+    OpenMP team): both trajectories equal a lone run's."""
     if native.library() is None:
         pytest.skip("no C compiler: the compiled passes are unavailable")
     expected, expected_fields = split_run(monkeypatch, threads)
@@ -877,9 +877,11 @@ def test_compiled_passes_from_two_threads_at_once(monkeypatch, threads) -> None:
             torch.testing.assert_close(fields[name], value, rtol=0, atol=1e-12)
 
 
+@pytest.mark.timeout(120)  # the failure this guards against is a hang
 def test_compiled_passes_in_a_forked_child(monkeypatch, threads) -> None:
-    """After the parent has started the C worker pool, a forked child (whose workers do not
-    exist) starts its own and follows the same trajectory."""
+    """After the parent has run split passes on OpenMP threads, a forked child (whose OpenMP
+    threads did not survive the fork) runs its parts one after another, without waiting for
+    them, and follows the same trajectory."""
     if native.library() is None:
         pytest.skip("no C compiler: the compiled passes are unavailable")
     expected, _ = split_run(monkeypatch, threads)

@@ -37,8 +37,8 @@ contraction.
 On a CPU, layers whose core is identity, relu or sigmoid (tanh) with at most
 ``native.MAX_WIDTH`` input features are passed by compiled C instead (``mflightning.limit.native``:
 blocks of atoms in the lanes of a vector, one sample at a time, no chunk buffers; the same
-formulas, results equal to rounding; a large layer's parts run side by side on the C library's
-own worker threads); the torch ops below cover every other case (GPUs, other activations, wide
+formulas, results equal to rounding; a large layer's parts run side by side on OpenMP
+threads); the torch ops below cover every other case (GPUs, other activations, wide
 inputs, no C compiler, ``MFL_NATIVE=0``).
 
 A layer whose P x n core values fit ``CACHE_ELEMENTS`` keeps them from the forward pass for the
@@ -269,7 +269,7 @@ class Workspace:
       the first write to each chunk at M = 4096).
     * Threads: inside ``split_threads`` on a CPU with T > 1 torch threads, the calling thread's
       ops run on one thread and a layer of at least ``T * MIN_PART`` atoms is split into T
-      contiguous parts (``parts``), passed side by side by the compiled passes' own threads
+      contiguous parts (``parts``), passed side by side on OpenMP threads by the compiled passes
       (``native``) or, with the torch ops, each by a Python worker thread with single-threaded
       ops (``map``), instead of splitting every op over T threads. Same arithmetic and
       a fixed order of the partial sums, but one synchronisation per pass instead of one per
@@ -286,20 +286,12 @@ class Workspace:
         self._padded: list[tuple[Tensor, tuple[object, ...], Tensor]] = []  # see padded
 
     @contextlib.contextmanager
-    def split_threads(self, device: torch.device, atoms: int) -> Iterator[None]:
-        """Inside: this thread's torch ops on one thread, large layers split over the threads.
-
-        ``atoms``: the largest layer's atom count. When it will be split, the compiled passes'
-        worker threads are woken on entry, so that they are awake (spinning) when the first
-        pass comes (``native.Library.wake``).
-        """
+    def split_threads(self, device: torch.device) -> Iterator[None]:
+        """Inside: this thread's torch ops on one thread, large layers split over the threads."""
         threads = torch.get_num_threads() if device.type == "cpu" else 1
         if threads < 2:
             yield
             return
-        library = native.library() if atoms >= threads * MIN_PART else None
-        if library is not None:
-            library.wake(threads - 1)
         torch.set_num_threads(1)
         self._threads = threads
         try:

@@ -511,7 +511,7 @@ class ReducedLimitSolver(EulerSolver):
         """
         if self.depth == 3:
             return self._table_step(x, y)
-        with self._workspace.split_threads(self.device, max(self._atoms)):
+        with self._workspace.split_threads(self.device):
             return self._chunked_step(x, y)
 
     def _prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -541,7 +541,7 @@ class ReducedLimitSolver(EulerSolver):
         x = x.to(device=self.device, dtype=self.dtype)
         if self.depth == 3:
             return self._table_forward(x, self._fields)
-        with self._workspace.split_threads(self.device, max(self._atoms)):
+        with self._workspace.split_threads(self.device):
             out, _, _ = self._chunked_forward(self._input_scale * x)
         return self._readout(out, self._fields.get(f"b{self.depth}", 0.0))
 

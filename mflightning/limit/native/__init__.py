@@ -11,13 +11,16 @@ inputs of at most ``MAX_WIDTH`` features (wider inputs are a matrix product, whe
 is faster).
 
 A pass over a large layer is split into T parts (T torch threads, ``Workspace.parts``) inside
-the C library: part 0 runs on the calling thread, the others on ``pool.c``'s worker threads,
-which spin for 1 ms after each part (a Python thread pool cannot spin without holding the GIL,
-and waking a sleeping thread took 65-150 us on the project's 2-vCPU VM, half a pass at
-M = 4096). A second caller while a pass is in flight runs its parts itself; a forked child
-starts its own workers.
+the C library, in one OpenMP parallel region: the process's OpenMP runtime (torch's own libgomp,
+loaded first), whose threads spin for a while after each region, so that the next pass, or a
+torch op, finds them awake (a Python thread pool cannot spin without holding the GIL, and
+waking a sleeping thread took 65-150 us on the project's 2-vCPU VM, half a pass at M = 4096;
+a pool of our own competed for the cores with the threads torch's ops left spinning). In a
+child forked after the library was loaded the parts run one after another (the runtime's
+threads did not survive the fork).
 
-The library is compiled by the system's C compiler (``$CC``, else ``cc``) with ``FLAGS`` into
+The library is compiled by the system's C compiler (``$CC``, else ``cc``) with ``FLAGS`` and the
+first of ``VARIANTS`` that compiles into
 ``$MFL_CACHE_DIR`` (default ``~/.cache/mflightning``), under a name that hashes the sources,
 the command and the CPU, and is reused from there. Without a working compiler the torch ops
 are used, with one warning that says why; ``MFL_NATIVE=0`` turns the library off (same results
@@ -43,8 +46,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-SOURCES = ("endatoms.c", "endatoms_body.h", "pool.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
+SOURCES = ("endatoms.c", "endatoms_body.h")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math")
+# tried in turn: OpenMP threads and glibc's vector exp; else (macOS's clang, musl) parts one after
+# another and a scalar exp
+VARIANTS = (
+    (("-fopenmp",), ("-lmvec", "-lm")),
+    (("-fopenmp-simd", "-DMFL_SCALAR_EXP"), ("-lm",)),
+)
 # widest input X (features q) passed in C: a wider X @ theta.T is a real matrix product
 MAX_WIDTH = 16
 # widest input of the fixed form (endatoms.c's FIXED_WIDTH), which can keep its core values
@@ -98,20 +107,11 @@ class Library:
     """The compiled passes (``mfl_forward_*``, ``mfl_backward_*``; see endatoms.c).
 
     A layer's ``parts`` parts (atoms ``n i / parts`` to ``n (i + 1) / parts``) run side by
-    side: the first on the calling thread, the others on pool.c's worker threads, which spin
-    for 1 ms after each part so that the next pass finds them awake (the GIL is released
-    meanwhile). Each part writes into its own slice of the output buffers; the caller adds them.
+    side on OpenMP threads, the GIL released meanwhile (see the module docstring). Each part
+    writes into its own slice of the output buffers; the caller adds them.
     """
 
     handle: ctypes.CDLL
-
-    def wake(self, workers: int) -> None:
-        """Start ``workers`` worker threads spinning now, without waiting for them.
-
-        A sleeping worker takes 65-150 us to wake on the project's 2-vCPU virtual machine;
-        woken at the start of a step, it is awake by its first pass.
-        """
-        self.handle.mfl_pool_wake(workers)
 
     def forward(self, layer: EndLayerArgs, parts: int, scratch: Tensor, out: Tensor) -> None:
         """``out[i, c, p] = sum_{k in part i} R'[c, k] phi(u[p, k]) / M``, added to.
@@ -230,7 +230,7 @@ def _load() -> Library | None:
         return None
     sources = b"".join((_HERE / name).read_bytes() for name in SOURCES)
     key = hashlib.sha256(
-        sources + repr((compiler, FLAGS)).encode() + _cpu_signature().encode()
+        sources + repr((compiler, FLAGS, VARIANTS)).encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"endatoms-{key}.so"
     if not target.exists():
@@ -254,8 +254,6 @@ def _load() -> Library | None:
             *(ctypes.POINTER(ctypes.c_double), address, address, address),
         ]
         forward.restype = backward.restype = None
-    handle.mfl_pool_wake.argtypes = [ctypes.c_int32]
-    handle.mfl_pool_wake.restype = None
     return Library(handle)
 
 
@@ -281,7 +279,8 @@ def _compile(compiler: str, target: Path) -> str | None:
     """Compile endatoms.c into ``target`` (atomically); the reason it failed, or ``None``.
 
     The two precisions are compiled side by side (about 10 s each on the project's CPU), then
-    linked; with vector exp from glibc's libmvec, else (musl, macOS) a scalar exp.
+    linked; with OpenMP threads and glibc's vector exp, else (musl, macOS's clang) the parts one
+    after another and a scalar exp (``VARIANTS``).
     """
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -292,18 +291,16 @@ def _compile(compiler: str, target: Path) -> str | None:
         "(once per machine, about 10-20 s)"
     )
     error = "(not run)"
-    for defines, libraries in ((), ("-lmvec", "-lm")), (("-DMFL_SCALAR_EXP",), ("-lm",)):
+    for variant, libraries in VARIANTS:
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             objects = [Path(scratch, f"endatoms{bits}.o") for bits in (64, 32)]
-            base = [compiler, *FLAGS, "-fPIC", "-pthread", *defines, "-c"]
+            base = [compiler, *FLAGS, *variant, "-fPIC", "-c", str(_HERE / "endatoms.c")]
             compiles = [
-                [*base, str(_HERE / "endatoms.c"), f"-DMFL_REAL_BITS={bits}", "-o", str(obj)]
+                [*base, f"-DMFL_REAL_BITS={bits}", "-o", str(obj)]
                 for bits, obj in zip((64, 32), objects, strict=True)
             ]
-            objects.append(Path(scratch, "pool.o"))
-            compiles.append([*base, str(_HERE / "pool.c"), "-o", str(objects[-1])])
             linked = Path(scratch, "endatoms.so")
-            link = [compiler, "-shared", "-pthread", *map(str, objects), "-o", str(linked)]
+            link = [compiler, "-shared", *variant, *map(str, objects), "-o", str(linked)]
             link += libraries
             error = _run_all(compiles) or _run_all([link])
             if not error:

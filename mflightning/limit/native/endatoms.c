@@ -2,13 +2,17 @@
  *
  * Blocks of atoms in the lanes of a vector, the samples one at a time, glibc's vector exp
  * (endatoms_body.h): the P x n intermediates of mflightning/limit/endatoms.py never exist, and
- * the sigmoid core costs one vector exp. A layer's parts run side by side on pool.c's threads.
- * Compiled at first use by mflightning.limit.native (cc -O3 -march=native -fopenmp-simd, once
- * per precision: -DMFL_REAL_BITS=64 or 32, linked with pool.c); the fields and buffers are
- * torch tensors' memory. */
+ * the sigmoid core costs one vector exp. A layer's parts run side by side on OpenMP threads.
+ * Compiled at first use by mflightning.limit.native (cc -O3 -march=native -fopenmp, once per
+ * precision: -DMFL_REAL_BITS=64 or 32; without OpenMP, -fopenmp-simd and the parts one after
+ * another); the fields and buffers are torch tensors' memory. */
 #include <math.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* glibc's libmvec has vector variants of exp and expf; declaring them lets the compiler
  * vectorise the sigmoid loops without -ffast-math (which would drop NaN semantics). Built with
@@ -51,9 +55,38 @@ typedef struct {
     void *kept;
 } end_layer;
 
-/* pool.c: task(context, i) for 0 <= i < parts, side by side, part 0 on the calling thread */
+/* Set in a child forked after this library was loaded: the OpenMP runtime's threads did not
+ * survive the fork, and a parallel region there would wait for them forever (as torch's own
+ * parallel ops do in such a child), so the parts run one after another. */
+static int forked_child;
+static void after_fork_in_child(void) { forked_child = 1; }
+__attribute__((constructor)) static void watch_forks(void) {
+    pthread_atfork(NULL, NULL, after_fork_in_child);
+}
+
+/* task(context, i) for 0 <= i < parts, side by side on the OpenMP runtime's threads: the
+ * process's runtime, torch's own libgomp once torch is loaded, so the threads that torch's ops
+ * left spinning take the parts (a second runtime's threads would compete with them for the
+ * cores); a smaller team than asked for takes the parts in turn. */
 typedef void (*mfl_task)(void *context, int part);
-void mfl_pool_run(mfl_task task, void *context, int parts);
+static void run_parts(mfl_task task, void *context, int parts) {
+    if (parts <= 1 || forked_child) {
+        for (int part = 0; part < parts; ++part)
+            task(context, part);
+        return;
+    }
+#ifdef _OPENMP /* -fopenmp; else (-fopenmp-simd only) one after another */
+#pragma omp parallel num_threads(parts)
+    {
+        const int team = omp_get_num_threads();
+        for (int part = omp_get_thread_num(); part < parts; part += team)
+            task(context, part);
+    }
+#else
+    for (int part = 0; part < parts; ++part)
+        task(context, part);
+#endif
+}
 
 /* one precision per object file (MFL_REAL_BITS 64 or 32), compiled side by side and linked */
 #if MFL_REAL_BITS == 32

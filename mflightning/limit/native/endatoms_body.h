@@ -422,7 +422,7 @@ static void NAME(backward)(const end_layer *layer, const REAL *restrict grad,
 #undef DISPATCH
 #undef DISPATCH_WIDTH
 
-/* ---- the entry points: a layer's parts side by side on pool.c's threads ---- */
+/* ---- the entry points: a layer's parts side by side on OpenMP threads ---- */
 
 /* Part `part` of `parts` of a layer: atoms start .. stop - 1 with start = atoms part / parts
  * (as mflightning.limit.endatoms.Workspace.parts), its kept values at rows x (start +
@@ -457,7 +457,7 @@ static void NAME(forward_task)(void *context, int part) {
  * (scratch: parts x SCRATCH_ROWS x rows elements). */
 void NAME(mfl_forward)(const end_layer *layer, int32_t parts, REAL *scratch, REAL *out) {
     NAME(forward_pass) pass = {layer, parts, scratch, out};
-    mfl_pool_run(NAME(forward_task), &pass, parts);
+    run_parts(NAME(forward_task), &pass, parts);
 }
 
 typedef struct {
@@ -483,5 +483,5 @@ void NAME(mfl_backward)(const end_layer *layer, int32_t parts, const REAL *grad,
                         const REAL *grad_sum, int32_t flags, const double *steps, REAL *scratch,
                         REAL *x_grad, REAL *squares) {
     NAME(backward_pass) pass = {layer, parts, grad, grad_sum, flags, steps, scratch, x_grad, squares};
-    mfl_pool_run(NAME(backward_task), &pass, parts);
+    run_parts(NAME(backward_task), &pass, parts);
 }
