@@ -68,9 +68,10 @@ def loss_and_gradient(loss: LossName, prediction: Tensor, target: Tensor) -> tup
     """``mean_field_loss`` and its gradient with respect to ``prediction`` (P rows), by hand.
 
     With ``r = prediction - target``: ``"mse"`` ``2 r / P``; ``"half_mse"`` ``r / P``;
-    ``"cross_entropy"`` ``(softmax(prediction) - onehot(target)) / P`` for class indices, or
-    ``(softmax(prediction) - target) / P`` for class probabilities (as ``F.cross_entropy``
-    takes them). The reduced solver's step uses it instead of an autograd pass.
+    ``"cross_entropy"`` ``(softmax(prediction) - onehot(target)) / P`` for class indices in
+    ``[0, C)`` (``F.cross_entropy``'s ignored index -100 is not one), or
+    ``(softmax(prediction) - target) / P`` for class probabilities. The reduced solver's step
+    uses it instead of an autograd pass.
     """
     value = mean_field_loss(loss, prediction, target)
     rows = prediction.shape[0]
@@ -79,7 +80,7 @@ def loss_and_gradient(loss: LossName, prediction: Tensor, target: Tensor) -> tup
         if target.is_floating_point():
             grad -= target
         else:
-            grad -= F.one_hot(target, prediction.shape[-1]).to(grad.dtype)
+            grad -= F.one_hot(target.long(), prediction.shape[-1]).to(grad.dtype)
         return value, grad.div_(rows)
     residual = prediction - _regression_target(prediction, target)
     return value, residual.mul_((1.0 if loss == "half_mse" else 2.0) / rows)

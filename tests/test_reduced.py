@@ -679,6 +679,9 @@ CHUNK_CASES = [
     # the compiled passes' general form (several outputs) and the sigmoid / identity cores
     (2, ("relu", "tanh"), (), 2, True, "mse"),
     (4, ("sigmoid", "identity"), ("readout",), 1, True, "half_mse"),
+    # deeper chains of middle scalars (w3#, w4#, w5#; b3*, b4*, b5*)
+    (6, ("relu", "tanh"), (), 1, True, "mse"),
+    (7, ("relu", "sigmoid"), ("layer4",), 2, True, "cross_entropy"),
 ]
 
 
@@ -686,7 +689,7 @@ def chunk_case_net(depth, acts, frozen, outputs, bias, seed=7) -> MeanFieldMLP:
     gen = torch.Generator().manual_seed(seed)
     net = MeanFieldMLP(
         5,
-        [20, 9, 8, 23][: depth - 1] if depth > 2 else [20],
+        [20, 9, 8, 23][: depth - 1] if depth <= 5 else [*[20, 9, 8, 7, 6][: depth - 2], 23],
         out_features=outputs,
         activations=[acts[0]] + [acts[1]] * (depth - 2) + ["identity"],
         init=[Normal(0.1, 1.0)] + [Normal(0.7, 0.5)] * (depth - 2) + [Normal(0.2, 1.0)],
@@ -746,9 +749,10 @@ def test_chunked_steps_match_unchunked_reference(
         else torch.tanh(x[:, :outputs] + 0.3 * torch.randn(30, outputs, generator=gen))
     )
     solver = ReducedLimitSolver(net, LR, loss, chunk_size=7)
+    tracer_widths = [[*[5, 4, 3, 2, 2][: depth - 2], 6], [*[11, 3, 2, 2, 2][: depth - 2], 9]]
     couplings = [
         solver.couple(widths, generator=torch.Generator().manual_seed(k))[1]
-        for k, widths in enumerate([[5, 4, 3, 6][: depth - 1], [11, 3, 2, 9][: depth - 1]])
+        for k, widths in enumerate(tracer_widths)
     ]
     reference = UnchunkedReference(net, solver.fields, [c.tracers for c in couplings])
     start = {name: value.clone() for name, value in solver.fields.items()}
@@ -859,6 +863,7 @@ def test_compiled_passes_from_two_threads_at_once(monkeypatch, threads) -> None:
     if native.library() is None:
         pytest.skip("no C compiler: the compiled passes are unavailable")
     expected, expected_fields = split_run(monkeypatch, threads)
+    fused = count_compiled_passes(monkeypatch)
     results: list[tuple[list[float], dict[str, Tensor]]] = []
 
     def run() -> None:
@@ -871,6 +876,7 @@ def test_compiled_passes_from_two_threads_at_once(monkeypatch, threads) -> None:
     for worker in workers:
         worker.join()
     assert len(results) == 2
+    assert max(fused) == 3  # passes were split (torch's thread count is shared: not all)
     for losses, fields in results:
         np.testing.assert_allclose(losses, expected, rtol=0, atol=1e-12)
         for name, value in expected_fields.items():
@@ -895,6 +901,19 @@ def _child_losses() -> list[float]:
     """``split_run``'s losses in a forked child (no pytest fixtures there)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         return split_run(monkeypatch, torch.set_num_threads)[0]
+
+
+def test_outputs_under_inference_mode(monkeypatch, threads) -> None:
+    """``solver(x)`` inside ``torch.inference_mode`` (tensors without a version counter) equals
+    the output outside it, split or not."""
+    monkeypatch.setattr(endatoms, "MIN_PART", 4)
+    threads(2)
+    solver = ReducedLimitSolver(wide_net(5, 5, torch.float64), 0.3, "mse")
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    solver.run((x, torch.tanh(x[:, :1])), 3, progress=False)
+    expected = solver(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(solver(x.clone()), expected, rtol=0, atol=1e-15)
 
 
 def test_uncompilable_passes_warn_once_and_fall_back(monkeypatch, tmp_path) -> None:

@@ -3,7 +3,7 @@
 One Euler step of the reduced solver (docs/theory.md §B.3, §B.4) on a batch of P samples with d
 input features costs, in seconds,
 
-    ``t = fixed + layer * (L - 2)                                     (Python and autograd)``
+    ``t = fixed + layer * (L - 2)                            (Python and small torch ops)``
     ``    + P * (M_1 * (first + feature * d) + M_L * last)              (L = 2, L >= 4)``
     ``    + P * M_1 * M_3 * table                                        (L = 3 instead)``
     ``    + S * coupled + P * tracer * sum_s (n_1 (first + feature * d) + n_{L-1} last)``

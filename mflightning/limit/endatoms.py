@@ -318,9 +318,13 @@ class Workspace:
 
         The passes of one step pad the same inputs and gradients up to three times (forward,
         backward, the tracers' backward). The last few are kept with a reference to their
-        source, so no other tensor can occupy its memory meanwhile; an in-place change of it
-        moves its version counter.
+        source, so no other tensor can occupy its memory meanwhile; an in-place torch op on it
+        moves its version counter (the solver's own inputs are fresh tensors: writes torch does
+        not see, through numpy or ``.data``, are not detected). Inference tensors have no
+        version counter and are padded every time.
         """
+        if x.is_inference():
+            return native.padded(x)
         key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
         for _, known, result in self._padded:
             if known == key:
@@ -540,8 +544,9 @@ def forward_sum(
 ) -> tuple[Tensor, Tensor | None]:
     """``S = phi(X theta.T + b) @ R.T`` (P x C'), accumulated over chunks of ``chunk`` atoms.
 
-    The layer's parts (``Workspace.parts``) are passed by the workspace's workers and their
-    sums added in order.
+    The layer's parts (``Workspace.parts``) are passed side by side, by the compiled passes on
+    OpenMP threads or by the workspace's Python workers (torch ops), and their sums added in
+    order.
 
     Args:
         layer: the atoms.
@@ -701,8 +706,8 @@ def backward_step(
 ) -> Tensor | None:
     """Gradients of the loss with respect to the atoms' fields, and their Euler steps.
 
-    Recomputes each chunk of atoms with the fields as they were in ``forward_sum`` (the same
-    parts, on the same workers), then steps ``f <- f - steps[f] * dLoss/df`` for every field
+    Recomputes each chunk of atoms (or reads the kept values) with the fields as they were in
+    ``forward_sum`` (the same parts), then steps ``f <- f - steps[f] * dLoss/df`` for every field
     named in ``layer.steps``.
 
     Args:

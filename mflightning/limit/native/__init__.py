@@ -48,10 +48,11 @@ from torch import Tensor
 
 SOURCES = ("endatoms.c", "endatoms_body.h")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math")
-# tried in turn: OpenMP threads and glibc's vector exp; else (macOS's clang, musl) parts one after
-# another and a scalar exp
+# tried in turn: OpenMP threads and glibc's vector exp; without OpenMP (clang without libomp)
+# the parts one after another; without libmvec (macOS, musl) a scalar exp too
 VARIANTS = (
     (("-fopenmp",), ("-lmvec", "-lm")),
+    (("-fopenmp-simd",), ("-lmvec", "-lm")),
     (("-fopenmp-simd", "-DMFL_SCALAR_EXP"), ("-lm",)),
 )
 # widest input X (features q) passed in C: a wider X @ theta.T is a real matrix product
@@ -72,7 +73,7 @@ _HERE = Path(__file__).parent
 
 
 class EndLayerArgs(ctypes.Structure):
-    """endatoms.c's ``end_layer``: one part of an end layer (see ``endatoms.EndLayer``)."""
+    """endatoms.c's ``end_layer``: an end layer (``endatoms.EndLayer``), split by the C."""
 
     _fields_ = [
         ("rows", ctypes.c_int64),
@@ -279,8 +280,8 @@ def _compile(compiler: str, target: Path) -> str | None:
     """Compile endatoms.c into ``target`` (atomically); the reason it failed, or ``None``.
 
     The two precisions are compiled side by side (about 10 s each on the project's CPU), then
-    linked; with OpenMP threads and glibc's vector exp, else (musl, macOS's clang) the parts one
-    after another and a scalar exp (``VARIANTS``).
+    linked; with OpenMP threads and glibc's vector exp, else without what is missing
+    (``VARIANTS``).
     """
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ enum { KEPT_LANES = 8 };
  * ((1 + FIXED_WIDTH) x rows vectors of up to 8 lanes); mflightning.limit.native.SCRATCH_ROWS */
 enum { SCRATCH_ROWS = 8 * (1 + FIXED_WIDTH) };
 
-/* One part of an end layer (see EndLayer in endatoms.py); scalars in double for both
+/* An end layer, or one part of it (see EndLayer in endatoms.py); scalars in double for both
  * precisions, pointers to elements of the layer's precision. */
 typedef struct {
     int64_t rows, width, outputs, atoms; /* P, q, C', n */
