@@ -279,7 +279,7 @@ def _compiling(target: Path) -> Iterator[None]:
 def _compile(compiler: str, target: Path) -> str | None:
     """Compile endatoms.c into ``target`` (atomically); the reason it failed, or ``None``.
 
-    The two precisions are compiled side by side (about 10 s each on the project's CPU), then
+    The two precisions are compiled side by side (20-45 s in all on the project's 2 cores), then
     linked; with OpenMP threads and glibc's vector exp, else without what is missing
     (``VARIANTS``).
     """
@@ -289,7 +289,7 @@ def _compile(compiler: str, target: Path) -> str | None:
         return f"the cache folder {target.parent} cannot be created ({failure}); set MFL_CACHE_DIR"
     rank_zero_info(
         f"mflightning: compiling the reduced solver's CPU passes into {target} "
-        "(once per machine, about 10-20 s)"
+        "(once per machine, about 20-45 s on 2 cores)"
     )
     error = "(not run)"
     for variant, libraries in VARIANTS:

@@ -7,11 +7,11 @@
  * precision: -DMFL_REAL_BITS=64 or 32; without OpenMP, -fopenmp-simd and the parts one after
  * another); the fields and buffers are torch tensors' memory. */
 #include <math.h>
-#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
+#include <pthread.h>
 #endif
 
 /* glibc's libmvec has vector variants of exp and expf; declaring them lets the compiler
@@ -55,6 +55,9 @@ typedef struct {
     void *kept;
 } end_layer;
 
+typedef void (*mfl_task)(void *context, int part);
+
+#ifdef _OPENMP
 /* Set in a child forked after this library was loaded: the OpenMP runtime's threads did not
  * survive the fork, and a parallel region there would wait for them forever (as torch's own
  * parallel ops do in such a child), so the parts run one after another. */
@@ -63,29 +66,27 @@ static void after_fork_in_child(void) { forked_child = 1; }
 __attribute__((constructor)) static void watch_forks(void) {
     pthread_atfork(NULL, NULL, after_fork_in_child);
 }
+#endif
 
 /* task(context, i) for 0 <= i < parts, side by side on the OpenMP runtime's threads: the
  * process's runtime, torch's own libgomp once torch is loaded, so the threads that torch's ops
  * left spinning take the parts (a second runtime's threads would compete with them for the
- * cores); a smaller team than asked for takes the parts in turn. */
-typedef void (*mfl_task)(void *context, int part);
+ * cores); a smaller team than asked for takes the parts in turn. One after another without
+ * OpenMP (-fopenmp-simd only) or in a forked child. */
 static void run_parts(mfl_task task, void *context, int parts) {
-    if (parts <= 1 || forked_child) {
-        for (int part = 0; part < parts; ++part)
-            task(context, part);
+#ifdef _OPENMP
+    if (parts > 1 && !forked_child) {
+#pragma omp parallel num_threads(parts)
+        {
+            const int team = omp_get_num_threads();
+            for (int part = omp_get_thread_num(); part < parts; part += team)
+                task(context, part);
+        }
         return;
     }
-#ifdef _OPENMP /* -fopenmp; else (-fopenmp-simd only) one after another */
-#pragma omp parallel num_threads(parts)
-    {
-        const int team = omp_get_num_threads();
-        for (int part = omp_get_thread_num(); part < parts; part += team)
-            task(context, part);
-    }
-#else
+#endif
     for (int part = 0; part < parts; ++part)
         task(context, part);
-#endif
 }
 
 /* one precision per object file (MFL_REAL_BITS 64 or 32), compiled side by side and linked */
