@@ -3,13 +3,15 @@
 A width sweep trains S independent seeds of every width on the same batches. Stacking their
 parameters along a new leading dimension and applying ``torch.func.vmap`` to the network's own
 forward (through ``torch.func.functional_call``) runs the S forward/backward passes as batched
-matrix products, with the per-layer SGD rule of docs/theory.md §1.2,
+matrix products. The stacked parameters are then stepped by the module's own optimizer and
+scheduler callables over the mean-field groups (``optim.ScheduledOptimizer``): for plain SGD
+(docs/theory.md §1.2)
 
     w_s <- w_s - lr_group * dLoss_s/dw_s        for every seed s and trainable parameter w,
 
-exactly as S separate ``torch.optim.SGD(param_groups(net, lr))`` runs would do (same float
-operations up to summation order). Only plain SGD (no momentum, weight decay or scheduler) is
-batched; anything else trains run by run with Lightning.
+and for momentum, weight decay and Adam the same per-element update with per-seed states (torch's
+optimizers act element by element, so the seeds do not mix), exactly as S separate runs would do
+(same float operations up to summation order).
 """
 
 from __future__ import annotations
@@ -22,17 +24,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from mflightning.losses import LossName, mean_field_loss
-from mflightning.scaling import PresetName, param_groups
-
-
-def parameter_lrs(network: nn.Module, lr: float, preset: PresetName) -> dict[str, float]:
-    """``{parameter name: lr of its SGD group}`` for the trainable parameters (§1.2)."""
-    names = {id(p): name for name, p in network.named_parameters()}
-    return {
-        names[id(p)]: group["lr"]
-        for group in param_groups(network, lr, rule="sgd", preset=preset)
-        for p in group["params"]
-    }
+from mflightning.optim import (
+    MeanFieldClock,
+    OptimizerCallable,
+    ScheduledOptimizer,
+    SchedulerCallable,
+)
+from mflightning.scaling import PresetName, Rule, param_groups, time_step
 
 
 class SeedBatch:
@@ -44,6 +42,9 @@ class SeedBatch:
         lr: base learning rate (the module's ``lr``).
         loss: loss convention of ``mflightning.losses.mean_field_loss``.
         preset: multiplier preset (see ``mflightning.param_groups``).
+        optimizer: the module's optimizer callable.
+        scheduler: the module's scheduler callable, or ``None``.
+        rule: the module's rule.
 
     Raises:
         ValueError: no networks, or networks whose parameter shapes differ.
@@ -55,6 +56,10 @@ class SeedBatch:
         lr: float,
         loss: LossName,
         preset: PresetName = "nguyen_pham",
+        *,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        scheduler: SchedulerCallable | None = None,
+        rule: Rule = "sgd",
     ) -> None:
         if not networks:
             raise ValueError("`networks` must hold at least one network.")
@@ -63,12 +68,18 @@ class SeedBatch:
             raise ValueError("`networks` must share one architecture and one set of widths.")
         self.template = copy.deepcopy(networks[0])
         self.loss = loss
-        self.lrs = parameter_lrs(self.template, lr, preset)
         with torch.no_grad():
             self.params = {
                 name: torch.stack([dict(net.named_parameters())[name].detach() for net in networks])
                 for name, _ in self.template.named_parameters()
             }
+        names = {id(p): name for name, p in self.template.named_parameters()}
+        groups = param_groups(self.template, lr, rule=rule, preset=preset)
+        self.trainable = [names[id(p)] for group in groups for p in group["params"]]
+        for group in groups:  # the same groups over the stacked parameters
+            group["params"] = [self.params[names[id(p)]] for p in group["params"]]
+        self.update = ScheduledOptimizer(optimizer, scheduler, groups)
+        self.clock = MeanFieldClock(time_step(self.template, lr, preset))
         self.size = len(networks)
 
     def _loss(
@@ -78,15 +89,19 @@ class SeedBatch:
         return mean_field_loss(self.loss, prediction, y)
 
     def step(self, x: Tensor, y: Tensor) -> Tensor:
-        """One SGD step of every seed on the batch ``(x, y)``; returns the S losses before it."""
-        trainable = {name: self.params[name] for name in self.lrs}
-        frozen = {name: p for name, p in self.params.items() if name not in self.lrs}
+        """One optimizer step of every seed on the batch ``(x, y)``; the S losses before it.
+
+        ``clock.time`` is then the seeds' ``mf_time``.
+        """
+        trainable = {name: self.params[name] for name in self.trainable}
+        frozen = {name: p for name, p in self.params.items() if name not in trainable}
         grads, losses = vmap(grad_and_value(self._loss), in_dims=(0, 0, None, None))(
             trainable, frozen, x, y
         )
-        with torch.no_grad():
-            for name, gradient in grads.items():
-                self.params[name].sub_(gradient, alpha=self.lrs[name])
+        for name, gradient in grads.items():
+            self.params[name].grad = gradient
+        self.clock.tick(self.update.optimizer)
+        self.update.step()
         return losses.detach()
 
     @torch.no_grad()

@@ -4,8 +4,10 @@ The callback owns a limit solver (given, or built with M particles or atoms from
 network: ``limit="auto"`` takes the exact ``ReducedLimitSolver`` for deep iid MLPs and the
 ``ParticleLimitSolver`` otherwise, ``mflightning.limit.choice``), optionally couples the module's
 network to it at fit start (§B.4: subsampled particles, or ideal particles of the module's own
-initial weights for the reduced solver), takes one solver step per optimizer step, and every
-``every_n_steps`` logs (docs/theory.md §C)
+initial weights for the reduced solver), takes one solver step per optimizer step with the
+module's own optimizer, scheduler and rule (the limit of the training that runs, §F; under
+gradient accumulation on the batches of that step together), and every ``every_n_steps`` logs
+(docs/theory.md §C)
 
 * ``limit/output_gap``: RMS over the probe inputs of ``yhat_N(x) - yhat_inf(x)`` (§C.1);
 * ``limit/relative_output_gap``: the output gap over the output size; the first time it exceeds
@@ -46,6 +48,7 @@ from mflightning.limit.snapshot import LimitSnapshot, gaps_to_limit, take_snapsh
 from mflightning.mlp import MeanFieldMLP
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
+from mflightning.optim import describe_update
 from mflightning.stack import MeanFieldStack
 
 DataMode = Literal["shared_batches", "population"]
@@ -80,6 +83,23 @@ def _architecture(network: MeanFieldStack) -> dict[str, Any]:
     config = dict(network.to_config()["init_args"])
     config.pop("widths")
     return config
+
+
+def check_trainer_settings(trainer: pl.Trainer) -> None:
+    """Refuse trainer settings whose training has no mean-field limit to track (§F.6).
+
+    Raises:
+        ValueError: gradient clipping (the global norm couples every weight of every width
+            differently: no width-independent limit), naming the setting and the fix.
+    """
+    if trainer.gradient_clip_val:
+        raise ValueError(
+            f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) clips the raw gradients, "
+            "whose norm shrinks like N^-1/2 under the mean-field parametrization, so the same "
+            "clip acts on narrow networks and not on wide ones: the training has no limit "
+            "common to all widths to track (docs/theory.md §F.6); remove gradient_clip_val "
+            "(lower the lr instead)."
+        )
 
 
 class LimitTracker(Callback):
@@ -165,6 +185,7 @@ class LimitTracker(Callback):
         self.last_gaps: dict[str, float] = {}
         self.left_limit_at: dict[str, float] | None = None  # {"step", "mf_time", "relative_gap"}
         self._restored = False
+        self._pending: list[tuple[Tensor, Tensor]] = []  # batches of an accumulating step
 
     @property
     def state_key(self) -> str:
@@ -185,11 +206,7 @@ class LimitTracker(Callback):
             raise ValueError(
                 "LimitTracker needs `module.network` to be a MeanFieldMLP or MeanFieldConvNet."
             )
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                "LimitTracker steps the solver once per batch; use accumulate_grad_batches=1 "
-                "(increase the batch size instead)."
-            )
+        check_trainer_settings(trainer)
         if self.solver is None:
             assert self.particles is not None
             self.solver = build_solver(
@@ -201,6 +218,9 @@ class LimitTracker(Callback):
                 dtype=self.dtype,
                 device=pl_module.device,
                 seed=self.seed,
+                optimizer=pl_module.optimizer_factory,
+                scheduler=pl_module.scheduler_factory,
+                rule=pl_module.rule,
             )
         self._check_solver(self.solver, pl_module, network)
         network.check_input(self._probe_inputs().to(next(network.parameters())), "probe")
@@ -225,6 +245,15 @@ class LimitTracker(Callback):
         if solver.loss != module.loss_name:
             raise ValueError(
                 f"the `solver` loss {solver.loss!r} differs from the module's {module.loss_name!r}."
+            )
+        update = describe_update(module.optimizer_factory, module.scheduler_factory)
+        if solver.update != update or solver.update_factories["rule"] != module.rule:
+            raise ValueError(
+                f"the `solver` steps with {solver.update} (rule "
+                f"{solver.update_factories['rule']!r}) but the module trains with {update} (rule "
+                f"{module.rule!r}): the limit would not be that of the training (§F); build the "
+                "solver with optimizer=module.optimizer_factory, "
+                "scheduler=module.scheduler_factory, rule=module.rule."
             )
 
     @override
@@ -266,12 +295,25 @@ class LimitTracker(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        """One solver step per optimizer step; log the gaps every ``every_n_steps``."""
+        """One solver step per optimizer step; log the gaps every ``every_n_steps``.
+
+        Under gradient accumulation the batches are kept until the optimizer steps, and the
+        solver steps once on all of them (the mean of equal batches' mean losses is the mean
+        loss of their union).
+        """
         assert self.solver is not None
-        if self.population is not None and self.data == "population":
+        population = self.data == "population"
+        if not population:
+            self._pending.append(self._global_batch(pl_module, batch))
+        if trainer.global_step == self.solver.steps:  # accumulating: no optimizer step yet
+            return
+        if population:
+            assert self.population is not None
             x, y = self.population
         else:
-            x, y = self._global_batch(pl_module, batch)
+            xs, ys = zip(*self._pending, strict=True)
+            x, y = (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
+        self._pending = []
         self.solver.step(x, y)
         if self.solver.steps != trainer.global_step:
             raise RuntimeError(
@@ -390,6 +432,7 @@ class RecordedLimitTracker(Callback):
         self.loss_data = loss_data
         self.history: list[dict[str, float]] = []
         self.train_losses: list[float] = []
+        self._batch_losses: list[float] = []  # of the optimizer step being accumulated
 
     def _log_if_recorded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         snapshot = self.snapshots.get(trainer.global_step)
@@ -417,7 +460,16 @@ class RecordedLimitTracker(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        """Record the step's loss; log the gaps where a snapshot was recorded."""
+        """Record the step's loss; log the gaps where a snapshot was recorded.
+
+        Under gradient accumulation the loss of an optimizer step is the mean of its batches'
+        losses (Lightning hands each divided by their number: their sum), recorded (and the gaps
+        logged) once the optimizer has stepped.
+        """
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        self.train_losses.append(float(loss))
+        self._batch_losses.append(float(loss))
+        if trainer.global_step == len(self.train_losses):  # accumulating: no step yet
+            return
+        self.train_losses.append(sum(self._batch_losses))
+        self._batch_losses = []
         self._log_if_recorded(trainer, pl_module)

@@ -45,6 +45,7 @@ from mflightning.io import verify_checkpoint
 from mflightning.module import MeanFieldModule
 from mflightning.report import summary_lines
 from mflightning.sweep import SweepSettings, WidthSweep
+from mflightning.trainer_settings import sweep_trainer_kwargs
 from mflightning.wandb_logging import offline_hint
 
 TOP_LEVEL_OPTIMIZER_MESSAGE = (
@@ -63,7 +64,6 @@ SWEEP_FLAGS = (
     "wandb",
     "limit",
 )
-SWEEP_TRAINER_KEYS = ("accelerator", "precision", "deterministic")
 SUBCOMMANDS = {
     "sweep": "train a recipe over widths x seeds, every run coupled to one infinite-width "
     "limit; report the gaps and their slopes",
@@ -207,11 +207,7 @@ def sweep(argv: list[str]) -> dict[str, object]:
         cli.parser.error(
             "a sweep needs `trainer.max_steps` >= 1 in the recipe or on the command line."
         )
-    trainer_kwargs = {
-        key: trainer_config[key]
-        for key in SWEEP_TRAINER_KEYS
-        if trainer_config.get(key) is not None
-    }
+    trainer_kwargs = sweep_trainer_kwargs(trainer_config)
     config_files = cli.config.get("config") or []
     name = Path(str(config_files[0])).stem if config_files else "sweep"
     settings: SweepSettings = cli.config_init.sweep

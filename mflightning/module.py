@@ -1,20 +1,20 @@
 """``MeanFieldModule``: a LightningModule that trains any mean-field network with the §1.2 rules.
 
-Physical time (docs/theory.md §1.1): after k optimizer steps the network is compared with its limit
-at ``mf_time = k * eps``, with ``eps`` the canonical step of the preset (``lr`` for Nguyen–Pham).
-Every logged curve carries ``mf_time`` so runs at different widths, lrs and batch sizes line up.
+Physical time (docs/theory.md §1.1, §F.3): after k optimizer steps the network is compared with its
+limit at ``mf_time = sum_{j<k} eps_j``, with ``eps_j`` the canonical step of the preset (``lr`` for
+Nguyen–Pham) times the lr scheduler's factor at step j; ``k * eps`` without a scheduler. Every
+logged curve carries ``mf_time`` so runs at different widths, lrs and batch sizes line up.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -32,12 +32,17 @@ from mflightning.losses import (
     correct_predictions,
     mean_field_loss,
 )
-from mflightning.optim import check_optimizer_rule, warn_limit_change
+from mflightning.optim import (
+    MeanFieldClock,
+    OptimizerCallable,
+    SchedulerCallable,
+    build_optimizer,
+    build_scheduler,
+    probe_optimizer,
+    warn_limit_change,
+)
 from mflightning.scaling import PresetName, Rule, get_preset, param_groups, readout_outputs
 from mflightning.stack import MeanFieldStack
-
-OptimizerCallable = Callable[[Iterable[Any]], Optimizer]
-SchedulerCallable = Callable[[Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 REFUSED_PRECISIONS = ("bf16-true", "16-true")
 
@@ -76,6 +81,31 @@ def _network_hparams(network: nn.Module) -> dict[str, Any]:
         return {}
 
 
+def _check_own_lr(optimizer: OptimizerCallable, lr: float) -> None:
+    """Refuse an optimizer callable carrying its own ``lr`` that differs from the module's.
+
+    The param groups take their lrs from the module's ``lr`` and the multipliers, so the
+    callable's (``--model.optimizer.init_args.lr``) would be silently ignored. The class's
+    default lr is not a choice and passes.
+
+    Raises:
+        ValueError: naming both values and the fix.
+    """
+    probe = probe_optimizer(optimizer)
+    own = probe.defaults.get("lr")
+    try:
+        default = inspect.signature(type(probe)).parameters["lr"].default
+    except (KeyError, ValueError):
+        return
+    if own is None or own == default or own == lr:
+        return
+    raise ValueError(
+        f"the optimizer's own lr={own} (model.optimizer.init_args.lr) differs from the module's "
+        f"lr={lr}, and the mean-field param groups take their lrs from the module's lr and the "
+        "multipliers; set model.lr (--model.lr) and drop the optimizer's lr."
+    )
+
+
 class MeanFieldModule(LightningModule):
     """Trains a mean-field network with per-layer lr multipliers and logs against ``mf_time``.
 
@@ -85,11 +115,13 @@ class MeanFieldModule(LightningModule):
         lr: base learning rate ``eps`` (alpha for the Sirignano–Spiliopoulos preset).
         loss: ``"mse"``, ``"half_mse"`` (the 1/2 convention) or ``"cross_entropy"``.
         optimizer: callable that takes the param groups, e.g. ``torch.optim.SGD`` or, from a
-            LightningCLI recipe, ``model.optimizer`` (its own ``lr`` is ignored: every
-            param group sets its lr from ``lr`` and the multipliers).
+            LightningCLI recipe, ``model.optimizer``. Every param group sets its lr from ``lr``
+            and the multipliers, so an own ``lr`` that differs from ``lr`` is refused.
+            ``weight_decay`` is in physical units (decay rate per unit of ``mf_time``, §F.2).
+            The limit solvers follow this optimizer (§F).
         scheduler: optional callable ``optimizer -> LRScheduler``, stepped every optimizer step;
-            use multiplicative schedules (LambdaLR, CosineAnnealingLR...) so the group multipliers
-            survive.
+            it must be multiplicative (StepLR, LambdaLR, CosineAnnealingLR with eta_min=0...) so
+            the group multipliers survive (checked at every step, §F.3).
         rule: ``"sgd"`` or ``"adam"`` (see ``mflightning.param_groups``).
         preset: ``"nguyen_pham"``, ``"sirignano_spiliopoulos"`` or ``"araujo_oliveira_yukimura"``.
 
@@ -121,6 +153,7 @@ class MeanFieldModule(LightningModule):
             raise ValueError(
                 f"`optimizer` must be a callable such as torch.optim.SGD, got {optimizer!r}."
             )
+        _check_own_lr(optimizer, lr)
         self.network = network
         self.lr = lr
         self.loss_name: LossName = loss
@@ -128,8 +161,10 @@ class MeanFieldModule(LightningModule):
         self.preset: PresetName = preset
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        # validates lr, rule and preset now rather than at fit time
-        param_groups(network, lr, rule=rule, preset=preset)
+        # validates lr, rule, preset, optimizer and scheduler now rather than at fit time
+        build_scheduler(
+            scheduler, build_optimizer(optimizer, param_groups(network, lr, rule, preset))
+        )
         self.time_step = get_preset(preset).time_step(network, lr)
         if not any(isinstance(m, MeanFieldStack) for m in network.modules()):
             warn_trivial_limits(network)  # a MeanFieldStack warned when it was built
@@ -138,7 +173,7 @@ class MeanFieldModule(LightningModule):
         self.save_hyperparameters(hparams)
         self.train_accuracy = MeanMetric()
         self._batch_mf_time: float | None = None  # mf_time of the batch being trained on
-        self._weights_step = 0  # optimizer steps the weights have taken (fit or checkpoint)
+        self.clock = MeanFieldClock(self.time_step)  # the weights' steps and mf_time
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
         self.test_loss = MeanMetric()
@@ -158,14 +193,13 @@ class MeanFieldModule(LightningModule):
 
     @property
     def mf_time(self) -> float:
-        """Physical time ``t = k * eps`` of the weights after ``k`` optimizer steps (§1.1).
+        """Physical time ``t_k = sum_{j<k} eps_j`` of the weights after ``k`` optimizer steps.
 
-        While fitting, ``k`` is the trainer's ``global_step``; otherwise (validate, test, predict)
-        it is the step count of the weights: that of the last fit, or of the loaded checkpoint.
+        ``eps_j`` is the base step times the scheduler's factor at step ``j`` (§1.1, §F.3):
+        ``k * eps`` without a scheduler. The clock counts the weights' steps: those of the
+        current fit, of the last one (validate, test, predict), or of a loaded checkpoint.
         """
-        trainer = self._trainer
-        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
-        return (self.global_step if fitting else self._weights_step) * self.time_step
+        return self.clock.time
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -180,9 +214,28 @@ class MeanFieldModule(LightningModule):
             verify_checkpoint(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the clock (steps and summed schedule factors), so ``mf_time`` resumes exactly."""
+        checkpoint["mf_clock"] = self.clock.state_dict()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Take the weights' step count from the checkpoint, so ``mf_time`` is theirs."""
-        self._weights_step = int(checkpoint.get("global_step", 0))
+        """Take the weights' clock from the checkpoint, so ``mf_time`` is theirs.
+
+        A checkpoint saved before clocks were saved gives ``global_step`` unscheduled steps.
+        """
+        if "mf_clock" in checkpoint:
+            self.clock.load_state_dict(checkpoint["mf_clock"])
+        else:
+            self.clock.reset(int(checkpoint.get("global_step", 0)))
+
+    def on_fit_start(self) -> None:
+        """Start the clock at zero for a fresh fit (a resumed one has it from its checkpoint)."""
+        if self.trainer.ckpt_path is None:
+            self.clock.reset()
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Advance the clock by this step's scheduled base step ``eps_k`` (§F.3)."""
+        self.clock.tick(optimizer)
 
     def forward(self, x: Tensor) -> Tensor:
         """The network's output."""
@@ -215,8 +268,7 @@ class MeanFieldModule(LightningModule):
     def configure_optimizers(self) -> Any:
         """Build the optimizer from ``mflightning.param_groups`` and log the group table."""
         groups = param_groups(self.network, self.lr, rule=self.rule, preset=self.preset)
-        optimizer = self.optimizer_factory(groups)
-        check_optimizer_rule(optimizer)
+        optimizer = build_optimizer(self.optimizer_factory, groups)
         warn_limit_change(optimizer)
         table = "\n".join(
             f"  {g['name']:<32} lr={g['lr']:<12.6g} multiplier={g['lr_multiplier']:g}"
@@ -225,9 +277,9 @@ class MeanFieldModule(LightningModule):
         rank_zero_info(
             f"mean-field param groups (preset {self.preset}, rule {self.rule}):\n{table}"
         )
-        if self.scheduler_factory is None:
+        scheduler = build_scheduler(self.scheduler_factory, optimizer)
+        if scheduler is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -263,7 +315,6 @@ class MeanFieldModule(LightningModule):
         makes Lightning write this step), right before Lightning writes the step's values.
         """
         time, self._batch_mf_time = self._batch_mf_time, None
-        self._weights_step = self.global_step
         if time is not None and _loggers_written_this_step(self._trainer):
             self.log("mf_time", time)
 

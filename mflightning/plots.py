@@ -65,7 +65,7 @@ def plot_loss_curves(
     ax.plot(*limit, "k--", linewidth=2, label=limit_label)
     if marker is not None:
         ax.axvline(marker[0], color="tab:red", linestyle=":", label=f"{marker[1]} = {marker[0]:g}")
-    ax.set_xlabel("mf_time t = step x eps")
+    ax.set_xlabel("mf_time t = sum of the scheduled steps eps_k")
     ax.set_ylabel("training loss (mean over seeds)")
     ax.set_title("Width invariance: loss curves approach the limit")
     ax.legend()
@@ -150,7 +150,7 @@ def plot_validity(validity: Mapping[str, Any], path: Path) -> Path:
             ax.axvline(star, color=color, linestyle=":")
     ax.axhline(-0.5, color="black", linewidth=1, label="mean-field rate -1/2")
     ax.axhline(-0.25, color="gray", linestyle="--", linewidth=1, label="off rate above -1/4")
-    ax.set_xlabel("mf_time t = step x eps")
+    ax.set_xlabel("mf_time t = sum of the scheduled steps eps_k")
     ax.set_ylabel("log-log slope over widths (90% interval)")
     ax.set_title("Validity: do the gaps still shrink like N^-1/2?")
     ax.legend(fontsize="small")

@@ -239,8 +239,11 @@ def _limit_section(limit: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[st
     return section
 
 
-def curves_rows(results: Results, limit_loss: list[float], time_step: float) -> list[list[Any]]:
-    """``curves.csv`` rows: per run and logged step, the gaps; per step, the training losses."""
+def curves_rows(results: Results, limit_loss: list[float], times: list[float]) -> list[list[Any]]:
+    """``curves.csv`` rows: per run and logged step, the gaps; per step, the training losses.
+
+    ``times[k]`` is ``mf_time`` after k steps (the scheduled steps' sum, §F.3).
+    """
     logged = dict.fromkeys(key for r in results.values() for row in r.history for key in row)
     gap_keys = [k for k in logged if k.startswith("limit/") and k != "limit/time"]
     rows: list[list[Any]] = [["run", "width", "seed", "step", "mf_time", "train_loss", *gap_keys]]
@@ -254,23 +257,30 @@ def curves_rows(results: Results, limit_loss: list[float], time_step: float) -> 
                     width,
                     seed,
                     step,
-                    step * time_step,
+                    times[step],
                     loss,
                     *(row.get(k, "") for k in gap_keys),
                 ]
             )
     for step, loss in enumerate(limit_loss):
-        rows.append(["limit", "", "", step, step * time_step, loss, *([""] * len(gap_keys))])
+        rows.append(["limit", "", "", step, times[step], loss, *([""] * len(gap_keys))])
     return rows
 
 
 def write_figures(
-    report: dict[str, Any], results: Results, limit_loss: list[float], time_step: float, out: Path
+    report: dict[str, Any],
+    results: Results,
+    limit_loss: list[float],
+    times: list[float],
+    out: Path,
 ) -> dict[str, Path]:
-    """The sweep's PNG figures in ``out``; returns ``{name: path}``."""
+    """The sweep's PNG figures in ``out``; returns ``{name: path}``.
+
+    ``times[k]`` is ``mf_time`` after k steps (the scheduled steps' sum, §F.3).
+    """
     grouped = _by_width(results)
     per_width = report["per_width"]
-    times = (np.arange(len(limit_loss)) * time_step).tolist()
+    times = times[: len(limit_loss)]
     curves = {
         w: (times, np.mean([r.train_loss for r in rs], axis=0).tolist())
         for w, rs in grouped.items()

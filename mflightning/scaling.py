@@ -139,6 +139,24 @@ def time_step(model: nn.Module, lr: float, preset: str = "nguyen_pham") -> float
     return get_preset(preset).time_step(model, lr)
 
 
+def group_settings(base: float, multiplier: float, rule: Rule, eps: float = 1e-8) -> dict[str, Any]:
+    """The optimizer settings of one mean-field group with ``multiplier`` (§1.2).
+
+    Rule ``"sgd"``: ``lr = base * multiplier``; rule ``"adam"``: ``lr = base`` and Adam's
+    ``eps / multiplier``. ``mf_base_lr`` keeps the unscheduled lr (``optim.schedule_factor``),
+    ``lr_multiplier`` the multiplier (``optim.apply_physical_weight_decay``) and ``rule`` the
+    rule (``optim.check_optimizer_rule``).
+    """
+    settings: dict[str, Any] = {"rule": rule, "lr_multiplier": multiplier}
+    if rule == "sgd":
+        settings["lr"] = base * multiplier  # §1.2: eps * n_{i-1} * n_i
+    else:
+        settings["lr"] = base
+        settings["eps"] = eps / multiplier  # Adam's eps next to O(1/multiplier) gradients
+    settings["mf_base_lr"] = settings["lr"]
+    return settings
+
+
 def param_groups(
     model: nn.Module,
     lr: float,
@@ -157,8 +175,9 @@ def param_groups(
 
     Returns:
         One group per trainable mean-field weight or bias, named ``mf/<path>`` and
-        ``mf/<path>/bias``, each with ``lr``, ``lr_multiplier``, ``rule`` (checked against the
-        optimizer at its first step, ``mflightning.optim``) and ``eps`` for Adam; trainable
+        ``mf/<path>/bias``, each with the settings of ``group_settings`` (``lr``,
+        ``lr_multiplier``, ``mf_base_lr``, ``rule``, checked against the optimizer at its first
+        step by ``mflightning.optim``, and ``eps`` for Adam); trainable
         parameters outside mean-field layers go to a group ``"other"`` at the base lr, with a
         ``NonMeanFieldParameterWarning``. Frozen parameters are left out.
 
@@ -185,13 +204,8 @@ def param_groups(
             claimed.add(id(param))
             if not param.requires_grad:
                 continue
-            group: dict[str, Any] = {"params": [param], "name": group_name, "rule": rule}
-            group["lr_multiplier"] = multiplier
-            if rule == "sgd":
-                group["lr"] = base * multiplier  # §1.2: eps * n_{i-1} * n_i
-            else:
-                group["lr"] = base
-                group["eps"] = eps / multiplier  # Adam's eps next to O(1/multiplier) gradients
+            group = {"params": [param], "name": group_name}
+            group |= group_settings(base, multiplier, rule, eps)
             groups.append(group)
 
     others = [
@@ -204,11 +218,8 @@ def param_groups(
             NonMeanFieldParameterWarning,
             stacklevel=2,
         )
-        other: dict[str, Any] = {"params": [p for _, p in others], "name": "other", "rule": rule}
-        other.update(lr=base, lr_multiplier=1.0)
-        if rule == "adam":
-            other["eps"] = eps
-        groups.append(other)
+        other = {"params": [p for _, p in others], "name": "other"}
+        groups.append(other | group_settings(base, 1.0, rule, eps))
     if not groups:
         raise ValueError("`model` has no trainable parameters: every layer is frozen.")
     return groups

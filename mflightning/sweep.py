@@ -68,6 +68,7 @@ from mflightning.losses import correct_predictions
 from mflightning.mlp import MeanFieldMLP
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
+from mflightning.optim import describe_update
 from mflightning.report import (
     FIGURES,
     MIN_SEEDS,
@@ -79,6 +80,7 @@ from mflightning.report import (
 )
 from mflightning.scaling import get_preset
 from mflightning.stack import MeanFieldStack
+from mflightning.trainer_settings import HONOURED
 from mflightning.wandb_logging import (
     SET_ASIDE,
     WandbMode,
@@ -93,11 +95,21 @@ from mflightning.wandb_logging import (
 
 REDUCED_BUDGET_S = 60.0  # target time of a reduced limit pass with default M
 DEFAULT_BATCH = 256  # batch size assumed by the cost model when the data module has none
-TRAINER_KEYS = ("accelerator", "precision", "deterministic")
 FRESH_START = (
     "start afresh with --sweep.overwrite true (`overwrite=True`: deletes the runs, limit, report "
     "and W&B runs in the folder) or choose a new --out"
 )
+
+
+def limit_times(limit: Mapping[str, Any], steps: int) -> list[float]:
+    """``mf_time`` after 0 .. ``steps`` steps, from the limit's record (``limit.json``).
+
+    The sum of the scheduled steps (§F.3); a record written before the times were recorded has
+    constant steps of ``time_step``.
+    """
+    if "times" in limit:
+        return [float(t) for t in limit["times"]]
+    return [k * float(limit["time_step"]) for k in range(steps + 1)]
 
 
 @dataclass
@@ -235,7 +247,9 @@ class WidthSweep:
             call (seeded shuffling), so every run and the limit see the same data order.
         steps: optimizer steps per run (the recipe's ``trainer.max_steps``).
         settings: widths, seeds, M, logging and output options.
-        trainer_kwargs: ``accelerator``, ``precision``, ``deterministic`` for each run's Trainer.
+        trainer_kwargs: ``accelerator``, ``precision``, ``deterministic`` and
+            ``accumulate_grad_batches`` for each run's Trainer (``trainer_settings.HONOURED``;
+            the limit pass steps on the accumulated batches).
         name: sweep name (W&B group, default folder name).
         recipe: the configuration the module and data module were built from, as plain data
             (``mfl sweep`` passes the resolved ``model``, ``data`` and ``seed_everything`` of its
@@ -272,9 +286,15 @@ class WidthSweep:
                 "so runs of different widths would need different step counts: sweep with "
                 "preset='nguyen_pham' (the same limit, eps = lr) instead."
             )
-        unknown = set(trainer_kwargs or {}) - set(TRAINER_KEYS)
+        unknown = set(trainer_kwargs or {}) - set(HONOURED)
         if unknown:
-            raise ValueError(f"`trainer_kwargs` accepts {TRAINER_KEYS}, got {sorted(unknown)}.")
+            raise ValueError(
+                f"`trainer_kwargs` accepts {HONOURED} (the settings a sweep honours, "
+                f"mflightning.trainer_settings), got {sorted(unknown)}."
+            )
+        accumulate = (trainer_kwargs or {}).get("accumulate_grad_batches")
+        if accumulate is not None:
+            check_positive_int("trainer_kwargs['accumulate_grad_batches']", accumulate)
         self.module = module
         self.network: MeanFieldStack = module.network
         self.datamodule = datamodule
@@ -483,6 +503,7 @@ class WidthSweep:
         return default_atoms(features, int(batch), depth, self.steps, coupled, REDUCED_BUDGET_S)
 
     def _solver(self) -> LimitSolver:
+        """The limit solver, stepping with the module's optimizer, scheduler and rule (§F)."""
         return build_solver(
             self.network,
             self.limit_kind,
@@ -491,6 +512,9 @@ class WidthSweep:
             loss=self.module.loss_name,
             dtype=getattr(torch, self.settings.solver_dtype),
             device=self._device(),
+            optimizer=self.module.optimizer_factory,
+            scheduler=self.module.scheduler_factory,
+            rule=self.module.rule,
         )
 
     def _scan_training_data(self) -> tuple[str, int]:
@@ -507,7 +531,7 @@ class WidthSweep:
         hasher = hashlib.sha256()
         first: Tensor | None = None
         for index, (x, y) in enumerate(self.datamodule.train_dataloader()):
-            if index == self.steps:
+            if index == self.steps * self._accumulation():
                 break
             for name, tensor in (("inputs", x), ("targets", y)):
                 if bad := _non_finite(tensor):
@@ -552,9 +576,25 @@ class WidthSweep:
         return probe
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """The training batch sequence of a run: one loader re-iterated, one pass per epoch."""
+        """The batch of every optimizer step: one loader re-iterated, one pass per epoch.
+
+        Under ``accumulate_grad_batches = k`` a step's batch is the union of the k loader
+        batches that Lightning accumulates (the mean of equal batches' mean losses is the mean
+        loss of their union).
+        """
         loader = self.datamodule.train_dataloader()
-        return itertools.chain.from_iterable(loader for _ in itertools.count())
+        batches = itertools.chain.from_iterable(loader for _ in itertools.count())
+        k = self._accumulation()
+        if k == 1:
+            return batches
+        return (
+            (torch.cat([x for x, _ in group]), torch.cat([y for _, y in group]))
+            for group in iter(lambda: list(itertools.islice(batches, k)), [])
+        )
+
+    def _accumulation(self) -> int:
+        """Loader batches per optimizer step (the trainer's ``accumulate_grad_batches``)."""
+        return int(self.trainer_kwargs.get("accumulate_grad_batches") or 1)
 
     def _record_limit(
         self,
@@ -572,9 +612,10 @@ class WidthSweep:
         probe_x = probe[0]
         snapshots: dict[tuple[int, int], dict[int, LimitSnapshot]] = {key: {} for key in couplings}
         batches = self._batches()
-        limit_loss, exact_gap = [], []
+        limit_loss, exact_gap, times = [], [], []
         label = f"limit ({self.limit_kind}, M = {self.particles})"
         for step in tqdm(range(self.steps + 1), desc=label, leave=False):
+            times.append(solver.time)
             if step in self.log_steps:
                 shared = take_snapshot(solver, probe_x, probe)
                 for key, coupling in couplings.items():
@@ -591,7 +632,12 @@ class WidthSweep:
                 limit_loss.append(solver.step(x, y))
                 if exact is not None:
                     exact.step(x, y)
-        record: dict[str, Any] = {"train_loss": limit_loss, "time_step": self.module.time_step}
+        record: dict[str, Any] = {
+            "train_loss": limit_loss,
+            "time_step": self.module.time_step,
+            "update": solver.update,
+            "times": times,
+        }
         if exact is not None:
             record["exact_relative_gap"] = exact_gap
         return snapshots, record
@@ -691,10 +737,12 @@ class WidthSweep:
     # --- seed-batched runs --------------------------------------------------------------------
 
     def _batchable(self) -> bool:
-        """Whether the recipe's training is plain SGD that ``SeedBatch`` reproduces."""
-        if not self.settings.batch_seeds or self.module.scheduler_factory is not None:
-            return False
-        if self.module.rule != "sgd" or self.trainer_kwargs.get("precision") not in (
+        """Whether ``SeedBatch`` reproduces the recipe's training (full precision, asked for).
+
+        It steps with the module's own optimizer and scheduler (any torch optimizer acts element
+        by element, so seeds stay independent); mixed precision trains run by run.
+        """
+        return bool(self.settings.batch_seeds) and self.trainer_kwargs.get("precision") in (
             None,
             "32-true",
             "32",
@@ -702,13 +750,7 @@ class WidthSweep:
             "64-true",
             "64",
             64,
-        ):
-            return False
-        probe = torch.nn.Parameter(torch.zeros(1))
-        optimizer = self.module.optimizer_factory([{"params": [probe], "lr": 1.0}])
-        group = optimizer.param_groups[0]
-        plain = ("momentum", "weight_decay", "dampening")
-        return type(optimizer) is torch.optim.SGD and not any(group.get(k, 0) for k in plain)
+        )
 
     def _train_seeds(
         self,
@@ -724,15 +766,24 @@ class WidthSweep:
         go on (the seeds do not mix inside the vmapped step).
         """
         keys = [(width, seed) for seed in seeds]
+        module = self.module
         batch = SeedBatch(
-            [networks[k] for k in keys], self.module.lr, self.module.loss_name, self.module.preset
+            [networks[k] for k in keys],
+            module.lr,
+            module.loss_name,
+            module.preset,
+            optimizer=module.optimizer_factory,
+            scheduler=module.scheduler_factory,
+            rule=module.rule,
         )
         weight = next(batch.template.parameters())
         history: dict[tuple[int, int], list[dict[str, float]]] = {k: [] for k in keys}
         losses: dict[tuple[int, int], list[float]] = {k: [] for k in keys}
         diverged: set[tuple[int, int]] = set()
         batches = self._batches()
+        times = []
         for step in range(self.steps + 1):
+            times.append(batch.clock.time)
             if step in self.log_steps:
                 for s, key in enumerate(keys):
                     if key not in diverged:
@@ -747,7 +798,7 @@ class WidthSweep:
                         except DivergenceError:
                             diverged.add(key)
                             continue
-                        mf_time = step * self.module.time_step
+                        mf_time = batch.clock.time
                         history[key].append({"step": step} | gaps | {"mf_time": mf_time})
             if step < self.steps:
                 x, y = next(batches)
@@ -766,7 +817,7 @@ class WidthSweep:
             results.append(
                 self._result(key, network, history[key], losses[key], probe, key in diverged)
             )
-            self._log_replayed_run(key, network, history[key], losses[key])
+            self._log_replayed_run(key, network, history[key], losses[key], times)
         return results
 
     def _log_replayed_run(
@@ -775,11 +826,15 @@ class WidthSweep:
         network: MeanFieldStack,
         history: list[dict[str, float]],
         losses: list[float],
+        times: list[float],
     ) -> None:
-        """One W&B run for a seed-batched run: its gap rows and per-step training losses."""
+        """One W&B run for a seed-batched run: its gap rows and per-step training losses.
+
+        ``times[k]`` is ``mf_time`` after k steps.
+        """
         rows = [dict(row) for row in history]
         rows += [
-            {"step": step, "train/loss": value, "mf_time": step * self.module.time_step}
+            {"step": step, "train/loss": value, "mf_time": times[step]}
             for step, value in enumerate(losses)
         ]
         rows.sort(key=lambda row: row["step"])
@@ -873,7 +928,8 @@ class WidthSweep:
 
     # --- report -------------------------------------------------------------------------------
 
-    def _meta(self, recipe: dict[str, Any]) -> dict[str, Any]:
+    def _meta(self, recipe: dict[str, Any], horizon: float) -> dict[str, Any]:
+        """The report's header: the sweep's settings, its recipe, ``horizon`` (final mf_time)."""
         return {
             "name": self.name,
             "widths": sorted(self.settings.widths),
@@ -882,7 +938,9 @@ class WidthSweep:
             "limit_solver": self.limit_kind,
             "steps": self.steps,
             "time_step": self.module.time_step,
-            "horizon": self.steps * self.module.time_step,
+            "horizon": horizon,
+            "update": describe_update(self.module.optimizer_factory, self.module.scheduler_factory),
+            "rule": self.module.rule,
             "lr": self.module.lr,
             "loss": self.module.loss_name,
             "preset": self.module.preset,
@@ -900,14 +958,14 @@ class WidthSweep:
         limit: dict[str, Any],
         recipe: dict[str, Any],
     ) -> dict[str, Any]:
-        step = self.module.time_step
         limit_loss = limit["train_loss"]
-        report = build_report(results, limit, self._meta(recipe))
+        times = limit_times(limit, self.steps)
+        report = build_report(results, limit, self._meta(recipe, times[-1]))
         atomic_write_json(self.out / "report.json", report)
         buffer = io.StringIO()
-        csv.writer(buffer).writerows(curves_rows(results, limit_loss, step))
+        csv.writer(buffer).writerows(curves_rows(results, limit_loss, times))
         atomic_write_text(self.out / "curves.csv", buffer.getvalue())
-        paths = write_figures(report, results, limit_loss, step, self.out)
+        paths = write_figures(report, results, limit_loss, times, self.out)
         for name in set(FIGURES) - set(paths):  # an earlier report's figure this one lacks
             (self.out / f"{name}.png").unlink(missing_ok=True)
         tables = report_tables(report)

@@ -6,6 +6,7 @@ on silently and nothing is left half-written (the sweep cases write no report fi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -232,7 +233,14 @@ CASES: list[tuple[str, Case, type[Exception], str]] = [
      ValueError, "`probe`"),
     ("tracker-solver-clock", lambda p: _fit(p, _module(), [_tracker(solver=_solver(lr=0.2))]),
      ValueError, "`solver`"),
-    ("tracker-accumulate", lambda p: _fit(p, _module(), [_tracker()], accumulate_grad_batches=2),
+    ("tracker-clipping", lambda p: _fit(p, _module(), [_tracker()], gradient_clip_val=1.0),
+     ValueError, "gradient_clip_val"),
+    ("tracker-solver-update", lambda p: _fit(
+        p, _module(optimizer=functools.partial(torch.optim.SGD, momentum=0.9)),
+        [_tracker(solver=_solver())]), ValueError, "momentum=0.9"),
+    ("module-optimizer-lr", lambda _: _module(optimizer=functools.partial(torch.optim.SGD, lr=0.5)),
+     ValueError, "lr=0.5"),
+    ("sweep-trainer-clipping", lambda p: _sweep(p, trainer_kwargs={"gradient_clip_val": 1.0}),
      ValueError, "accumulate_grad_batches"),
     # sweep
     ("sweep-width", lambda _: _settings(widths=[0, 8]).validate(), ValueError, "`widths[0]`"),

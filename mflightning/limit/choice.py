@@ -25,6 +25,8 @@ from mflightning.limit.reduced import ReducedLimitSolver, _check_reducible
 from mflightning.limit.solver import ParticleLimitSolver
 from mflightning.losses import LossName
 from mflightning.mlp import MeanFieldMLP
+from mflightning.optim import OptimizerCallable, SchedulerCallable, UpdateFactories
+from mflightning.scaling import Rule
 from mflightning.stack import MeanFieldStack
 
 LimitKind = Literal["auto", "particles", "reduced"]
@@ -108,12 +110,21 @@ def build_solver(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    *,
+    optimizer: OptimizerCallable = torch.optim.SGD,
+    scheduler: SchedulerCallable | None = None,
+    rule: Rule = "sgd",
 ) -> LimitSolver:
-    """The limit solver of ``kind`` for ``network``'s architecture with ``atoms`` (= M)."""
+    """The limit solver of ``kind`` for ``network``'s architecture with ``atoms`` (= M).
+
+    ``optimizer``, ``scheduler`` and ``rule`` are the networks' (the module's callables): the
+    solver's step follows them (docs/theory.md §F).
+    """
     wide = solver_network(network, kind, atoms, seed)
+    update = UpdateFactories(optimizer=optimizer, scheduler=scheduler, rule=rule)
     if kind == "reduced":
-        return ReducedLimitSolver(wide, lr=lr, loss=loss, dtype=dtype, device=device)
-    return ParticleLimitSolver(wide, lr=lr, loss=loss, dtype=dtype, device=device)
+        return ReducedLimitSolver(wide, lr=lr, loss=loss, dtype=dtype, device=device, **update)
+    return ParticleLimitSolver(wide, lr=lr, loss=loss, dtype=dtype, device=device, **update)
 
 
 def exact_beside(solver: LimitSolver) -> ReducedLimitSolver | None:
@@ -128,9 +139,17 @@ def exact_beside(solver: LimitSolver) -> ReducedLimitSolver | None:
     network = solver.network
     if not has_degenerate_exact_limit(network):
         return None
-    return ReducedLimitSolver(
-        network, lr=solver.lr, loss=solver.loss, dtype=solver.dtype, device=solver.device
-    )
+    try:
+        return ReducedLimitSolver(
+            network,
+            lr=solver.lr,
+            loss=solver.loss,
+            dtype=solver.dtype,
+            device=solver.device,
+            **solver.update_factories,
+        )
+    except ValueError:  # an update the reduced solver does not cover (weight decay, §F.5)
+        return None
 
 
 def departure(series: list[dict[str, float]]) -> dict[str, float] | None:

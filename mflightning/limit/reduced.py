@@ -38,6 +38,15 @@ exists at once: memory is the state plus a few P x ``chunk_size`` blocks, and a 
 two forward passes. L = 3 keeps the plain autograd pass (its M_3 x M_1 table is larger than any
 P x M intermediate).
 
+Other optimizers (§F.5): plain SGD at a constant step takes the Euler step above. With the
+module's momentum, Adam (per-atom moment states) or an lr scheduler, the passes are run with step
+1, which moves every field by its normalized gradient ``G = multiplier * dLoss/df``; the
+fields are put back and a torch optimizer built from the module's callables (one group per field,
+multiplier 1, ``optim.ScheduledOptimizer``) steps them with ``.grad = G``. The degenerate
+layers' scalars then follow the per-weight update exactly (every weight of such a layer has the
+same gradient history). Weight decay for L >= 3 is refused: it decays each middle weight's own
+initial value, which the reduction has replaced by the law's mean.
+
 Networks are coupled by ideal-particle integration (§B.4 item 3): their end-layer neurons are
 tracers that take the atoms' steps with the same ``dLoss/dH_L`` (and ``dLoss/dH_2*``) and add
 nothing to the forward pass; for L = 3 they ride along as zero-valued terms of the autograd
@@ -57,10 +66,21 @@ from mflightning.activations import get_activation
 from mflightning.guards import DivergenceError, divergence_message
 from mflightning.limit.endatoms import KERNELS, EndLayer, Workspace, backward_step, forward_sum
 from mflightning.limit.ideal import IdealCoupling, ghost, tracer_fields
-from mflightning.limit.solver import EulerSolver, check_solver_args
+from mflightning.limit.solver import EulerSolver, check_solver_args, load_clock
 from mflightning.losses import LossName, loss_and_gradient, mean_field_loss
 from mflightning.mlp import MeanFieldMLP
 from mflightning.nn import MeanFieldLinear
+from mflightning.optim import (
+    MeanFieldClock,
+    OptimizerCallable,
+    ScheduledOptimizer,
+    SchedulerCallable,
+    UpdateFactories,
+    check_optimizer_rule,
+    describe_update,
+    probe_optimizer,
+)
+from mflightning.scaling import Rule, group_settings
 
 _USE_PARTICLES = "use mflightning.ParticleLimitSolver (brute force) for this network"
 # end atoms per chunk times the batch size: a 100 x 2621 float64 chunk is 2 MB, two or three per
@@ -154,11 +174,16 @@ class ReducedLimitSolver(EulerSolver):
         chunk_size: end atoms per chunk of the forward and backward passes (L = 2 and L >= 4);
             ``None``: ``CHUNK_ELEMENTS // batch`` (2 MB float64 blocks). Results do not depend
             on it beyond rounding.
+        optimizer: the networks' optimizer callable (``MeanFieldModule.optimizer_factory``);
+            see the module docstring (§F.5).
+        scheduler: their lr scheduler callable, or ``None``.
+        rule: ``"sgd"`` or ``"adam"``, as the module's.
 
     Raises:
         ValueError: a network the reduction does not cover (not a MeanFieldMLP, non-constant
             biases in a degenerate layer, a middle init law with unknown mean, every layer
-            frozen), or a bad ``lr``, ``loss``, ``dtype`` or ``chunk_size``.
+            frozen), weight decay with L >= 3, or a bad ``lr``, ``loss``, ``dtype``,
+            ``chunk_size``, ``optimizer`` (of the other rule) or ``scheduler``.
     """
 
     _progress_label = "reduced limit"
@@ -172,6 +197,9 @@ class ReducedLimitSolver(EulerSolver):
         device: torch.device | str | None = None,
         *,
         chunk_size: int | None = None,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        scheduler: SchedulerCallable | None = None,
+        rule: Rule = "sgd",
     ) -> None:
         layers = _check_reducible(network)
         if chunk_size is not None and (
@@ -184,7 +212,13 @@ class ReducedLimitSolver(EulerSolver):
         assert isinstance(network, MeanFieldMLP)  # checked by _check_reducible
         check_solver_args(lr, loss, dtype)
         self.lr = float(lr)
-        self._time_step = self.lr
+        self._clock = MeanFieldClock(self.lr)
+        self._scale = self.lr  # the step of the raw passes (1 when an optimizer takes over)
+        self._plain = self._check_update(optimizer, scheduler, rule, len(layers))
+        self.update_factories = UpdateFactories(optimizer=optimizer, scheduler=scheduler, rule=rule)
+        self.update = describe_update(optimizer, scheduler)
+        # built at the first step, once the couplings are known: the fields' and the tracers'
+        self._updates: tuple[ScheduledOptimizer, ScheduledOptimizer | None] | None = None
         self.loss: LossName = loss
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else layers[0].weight.device
@@ -211,7 +245,6 @@ class ReducedLimitSolver(EulerSolver):
         if not self._multipliers:
             raise ValueError("`network` has no trainable layer: every layer is frozen.")
         self._squares: dict[str, Tensor] = {}  # sum of squared gradients, last step
-        self._steps = 0
         self._network = network  # the architecture of coupled networks (with_widths)
         # the degenerate layers' scalars (L >= 4): w_i# and b_i* for 2 <= i <= L-2
         self._scalars = [name for name in self._fields if _is_scalar(name, self.depth)]
@@ -219,6 +252,28 @@ class ReducedLimitSolver(EulerSolver):
         # L = 2 and L >= 4: every tracer set's fields are views into one tensor per name, so
         # that all coupled networks take their steps in one pass (see couple)
         self._merged: dict[str, Tensor] = {}
+
+    @staticmethod
+    def _check_update(
+        optimizer: OptimizerCallable, scheduler: SchedulerCallable | None, rule: Rule, depth: int
+    ) -> bool:
+        """Whether the update is plain SGD at a constant step (the passes step the fields).
+
+        Raises:
+            ValueError: an optimizer of the other rule, or weight decay with L >= 3.
+        """
+        probe = probe_optimizer(optimizer, group_settings(1.0, 1.0, rule))
+        check_optimizer_rule(probe)
+        settings = probe.param_groups[0]
+        if settings.get("weight_decay", 0) and depth >= 3:
+            raise ValueError(
+                f"`optimizer` {type(probe).__name__} has weight_decay={settings['weight_decay']}: "
+                "it decays each middle weight's own initial value, which the reduced solver "
+                "replaces by its law's mean, so the reduced limit does not cover it "
+                "(docs/theory.md §F.5); use --limit particles (limit='particles')."
+            )
+        plain = type(probe) is torch.optim.SGD and scheduler is None
+        return plain and not any(settings.get(k) for k in ("momentum", "weight_decay", "maximize"))
 
     def _initial_fields(
         self, layers: Sequence[MeanFieldLinear]
@@ -279,7 +334,7 @@ class ReducedLimitSolver(EulerSolver):
             theta, theta_offset = fields[names["theta"]][:, None], mu[depth - 1]
             readout, readout_offset, count = fields[names["readout"]], 0.0, self._atoms[1]
         steps = {
-            role: self.lr * self._multipliers[name]
+            role: self._scale * self._multipliers[name]
             for role, name in names.items()
             if name in fields and name in self._multipliers
         }
@@ -412,15 +467,14 @@ class ReducedLimitSolver(EulerSolver):
         if bias_name in trainable:
             self._step_fields({bias_name: out_grad.sum(0)}, squares)
         self._squares = squares
-        self._steps += 1
         return value
 
     def _step_fields(self, grads: dict[str, Tensor], squares: dict[str, Tensor]) -> None:
-        """``f <- f - lr * multiplier * grad`` for solver fields; records the squared grads."""
+        """``f <- f - scale * multiplier * grad`` for solver fields; records the squared grads."""
         with torch.no_grad():
             for name, grad in grads.items():
                 squares[name] = grad.square().sum()
-                self._fields[name].sub_(grad, alpha=self.lr * self._multipliers[name])
+                self._fields[name].sub_(grad, alpha=self._scale * self._multipliers[name])
 
     def _update_sizes(self) -> dict[str, float]:
         """``lr * multiplier * RMS(dLoss/df)`` of each field's last update (for messages)."""
@@ -436,7 +490,7 @@ class ReducedLimitSolver(EulerSolver):
         if not math.isfinite(loss):
             what = f"the loss is {loss}"
             message = divergence_message(
-                "reduced limit solver", what, self._steps, self.time, self._update_sizes()
+                "reduced limit solver", what, self.steps, self.time, self._update_sizes()
             )
             raise DivergenceError(message)
 
@@ -499,20 +553,82 @@ class ReducedLimitSolver(EulerSolver):
         self._squares = squares
         with torch.no_grad():
             for (field, _, multiplier), grad in zip(moving, grads[len(names) :], strict=True):
-                field.sub_(grad, alpha=self.lr * multiplier)
-        self._steps += 1
+                field.sub_(grad, alpha=self._scale * multiplier)
         return value
 
-    def _euler_step(self, x: Tensor, y: Tensor) -> float:
-        """One Euler step ``f <- f - lr * multiplier * dLoss/df``; returns the loss before it.
-
-        Raises:
-            DivergenceError: the loss is not finite (the state is left as it was).
-        """
+    def _raw_step(self, x: Tensor, y: Tensor) -> float:
+        """The passes' step ``f <- f - scale * multiplier * dLoss/df``; the loss before it."""
         if self.depth == 3:
             return self._table_step(x, y)
         with self._workspace.split_threads(self.device):
             return self._chunked_step(x, y)
+
+    def _euler_step(self, x: Tensor, y: Tensor) -> float:
+        """One step of the networks' update on the reduced state; returns the loss before it.
+
+        Plain SGD: the Euler step ``f <- f - lr * multiplier * dLoss/df``. Otherwise the
+        normalized gradients ``G`` come from a raw step of size 1 and the optimizer steps the
+        restored fields and tracers with them (module docstring).
+
+        Raises:
+            DivergenceError: the loss is not finite (the state is left as it was).
+        """
+        if self._plain:
+            value = self._raw_step(x, y)
+            self._clock.tick(None)
+            return value
+        if self._updates is None:
+            self._updates = self._build_updates()
+        own, tracers = self._updates
+        moving = self._moving()
+        before = [tensor.clone() for _, tensor in moving]
+        self._scale = 1.0
+        value = self._raw_step(x, y)  # a divergence is raised before any field moves
+        with torch.no_grad():
+            for (_, tensor), old in zip(moving, before, strict=True):
+                tensor.grad = old - tensor  # G = multiplier * dLoss/df
+                tensor.copy_(old)
+        self._clock.tick(own.optimizer)
+        own.step()
+        if tracers is not None:
+            tracers.step()
+        return value
+
+    def _moving(self) -> list[tuple[str, Tensor]]:
+        """``(name, tensor)`` of the trainable fields, then of the coupled networks' tracers."""
+        moving = [(name, self._fields[name]) for name in self._multipliers]
+        if self.depth != 3:
+            moving += [
+                (f"tracers/{name}", tensor)
+                for name, tensor in self._merged.items()
+                if name.split(":")[0] in self._multipliers
+            ]
+        else:
+            moving += [
+                (f"tracers{k}/{name}", fields[name])
+                for k, (fields, names) in enumerate(self._tracers)
+                for name in names
+            ]
+        return moving
+
+    def _build_updates(self) -> tuple[ScheduledOptimizer, ScheduledOptimizer | None]:
+        """The networks' optimizer over the fields, and a second one over the tracers.
+
+        One group per tensor with multiplier 1 (the gradients handed to it are already
+        normalized, §F.5). The tracers' optimizer is not saved (``state_dict``), as the tracers.
+        """
+        factories = self.update_factories
+        optimizer, scheduler = factories["optimizer"], factories["scheduler"]
+        groups = [
+            {"params": [tensor], "name": name} | group_settings(self.lr, 1.0, factories["rule"])
+            for name, tensor in self._moving()
+        ]
+        own = len(self._multipliers)
+        tracers = groups[own:]
+        return (
+            ScheduledOptimizer(optimizer, scheduler, groups[:own]),
+            ScheduledOptimizer(optimizer, scheduler, tracers) if tracers else None,
+        )
 
     def _prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Check the feature count of ``x``, then validate and move the batch."""
@@ -590,9 +706,9 @@ class ReducedLimitSolver(EulerSolver):
             ValueError: the solver has already stepped, or a bad ``widths``, ``method``,
                 ``generator``, ``dtype`` or ``network``.
         """
-        if self._steps != 0:
+        if self.steps != 0:
             raise ValueError(
-                f"couple the network at t = 0: the solver has taken {self._steps} steps, and the "
+                f"couple the network at t = 0: the solver has taken {self.steps} steps, and the "
                 "ideal particles start from the network's initial values at the solver's start; "
                 "build a fresh ReducedLimitSolver and couple before stepping it."
             )
@@ -652,16 +768,22 @@ class ReducedLimitSolver(EulerSolver):
             self._merged[name] = merged
 
     def state_dict(self) -> dict[str, Any]:
-        """Fields, step count, ``lr`` and ``loss``: plain tensors/ints/floats/strings.
+        """Fields, clock, optimizer state, ``lr``, ``loss`` and the update description.
 
-        Loadable with ``torch.load(..., weights_only=True)``.
+        Plain tensors/ints/floats/strings: loadable with ``torch.load(..., weights_only=True)``.
+        The coupled networks' tracers and their optimizer are not part of it.
         """
-        return {
+        state: dict[str, Any] = {
             "fields": {name: value.detach().clone() for name, value in self._fields.items()},
-            "steps": self._steps,
+            "steps": self.steps,
+            "clock": self._clock.state_dict(),
             "lr": self.lr,
             "loss": self.loss,
+            "update": self.update,
         }
+        if self._updates is not None:
+            state["optimizer"] = self._updates[0].state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume exactly from ``state_dict`` (same architecture, ``lr`` and ``loss``).
@@ -687,4 +809,7 @@ class ReducedLimitSolver(EulerSolver):
         with torch.no_grad():
             for name, value in saved.items():
                 self._fields[name].copy_(value)
-        self._steps = int(state_dict["steps"])
+        load_clock(self._clock, state_dict)
+        if "optimizer" in state_dict:
+            self._updates = self._build_updates()
+            self._updates[0].load_state_dict(state_dict["optimizer"])

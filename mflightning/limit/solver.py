@@ -12,6 +12,11 @@ the population (one fixed batch) or over the minibatch fed at step k ("SGD-coupl
 One Euler step is therefore literally one full-batch SGD step of the width-M network with the
 param groups of ``mflightning.param_groups`` (``rule="sgd"``); frozen layers stay fixed.
 Its error against the true limit is O(M^{-1/2}) + O(h) (§B.4).
+
+Other optimizers (§F): the solver takes the module's own optimizer callable, scheduler callable
+and rule, and each step is one step of that optimizer on the width-M network's param groups
+(momentum buffers and Adam moments per particle, weight decay in physical units), followed by
+one scheduler step; the clock sums the scheduled base steps ``eps_k`` (``MeanFieldClock``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,15 @@ from mflightning.guards import DivergenceError, GradientNorms, divergence_messag
 from mflightning.limit.coupling import Coupling, Method, couple
 from mflightning.losses import LossName, check_loss_name, check_loss_outputs, mean_field_loss
 from mflightning.nn import check_positive_finite
-from mflightning.scaling import mean_field_layers, param_groups, readout_outputs, time_step
+from mflightning.optim import (
+    MeanFieldClock,
+    OptimizerCallable,
+    ScheduledOptimizer,
+    SchedulerCallable,
+    UpdateFactories,
+    describe_update,
+)
+from mflightning.scaling import Rule, mean_field_layers, param_groups, readout_outputs, time_step
 from mflightning.stack import MeanFieldStack
 
 Batch = tuple[Tensor, Tensor]
@@ -114,30 +127,39 @@ def _finite(tensor: Tensor) -> bool:
     return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
 
 
+def load_clock(clock: MeanFieldClock, state_dict: dict[str, Any]) -> None:
+    """Restore a solver's clock from its state (a state saved before clocks: ``steps`` steps)."""
+    if "clock" in state_dict:
+        clock.load_state_dict(state_dict["clock"])
+    else:
+        clock.reset(int(state_dict["steps"]))
+
+
 class EulerSolver(ABC):
     """Shared driver of the explicit-Euler limit solvers: clock, batch checks, ``run``.
 
-    Subclasses set ``lr``, ``loss``, ``dtype``, ``device``, ``_time_step`` and ``_steps`` and
-    implement ``_euler_step`` (one step on a prepared batch) and ``__call__``.
+    Subclasses set ``lr``, ``loss``, ``dtype``, ``device``, ``update`` (``describe_update``)
+    and ``_clock`` (ticked once per step) and implement ``_euler_step`` (one step on a prepared
+    batch) and ``__call__``.
     """
 
     lr: float
     loss: LossName
     dtype: torch.dtype
     device: torch.device
-    _time_step: float
-    _steps: int
+    update: str
+    _clock: MeanFieldClock
     _progress_label = "limit solver"
 
     @property
     def steps(self) -> int:
         """Number of Euler steps taken."""
-        return self._steps
+        return self._clock.steps
 
     @property
     def time(self) -> float:
-        """Physical time ``t = steps * lr`` (§1.1)."""
-        return self._steps * self._time_step
+        """Physical time ``t = sum_k eps_k`` (``k * lr`` without a scheduler; §1.1, §F.3)."""
+        return self._clock.time
 
     @abstractmethod
     def _euler_step(self, x: Tensor, y: Tensor) -> float:
@@ -267,8 +289,8 @@ class EulerSolver(ABC):
                 "damaged (or was saved after a divergence); pass an intact state_dict() or start "
                 "a fresh solver."
             )
-        for key in ("lr", "loss"):
-            if state_dict[key] != getattr(self, key):
+        for key in ("lr", "loss", "update"):
+            if key in state_dict and state_dict[key] != getattr(self, key):
                 raise ValueError(
                     f"`state_dict` was saved with {key}={state_dict[key]!r} but this solver has "
                     f"{key}={getattr(self, key)!r}; build the solver with the saved value."
@@ -297,9 +319,15 @@ class ParticleLimitSolver(EulerSolver):
         dtype: floating dtype of the particles (float64 by default, §E.2).
         device: device of the particles (default: that of ``network``).
         allow_tf32: allow TF32 matmuls during steps and evaluations (off by default, §E.2 item 10).
+        optimizer: the optimizer callable of the networks (``MeanFieldModule.optimizer_factory``),
+            applied to ``param_groups(network, lr, rule=rule)`` (§F).
+        scheduler: their lr scheduler callable (``None``: constant steps), stepped after every
+            step.
+        rule: ``"sgd"`` or ``"adam"``, as the module's.
 
     Raises:
-        ValueError: a bad ``network``, ``lr``, ``loss`` or ``dtype``.
+        ValueError: a bad ``network``, ``lr``, ``loss``, ``dtype``, an optimizer of the other
+            rule, or a scheduler without a limit (``optim.schedule_factor``).
     """
 
     _progress_label = "particle limit"
@@ -312,6 +340,10 @@ class ParticleLimitSolver(EulerSolver):
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
         allow_tf32: bool = False,
+        *,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        scheduler: SchedulerCallable | None = None,
+        rule: Rule = "sgd",
     ) -> None:
         _check_network(network)
         check_solver_args(lr, loss, dtype)
@@ -322,10 +354,12 @@ class ParticleLimitSolver(EulerSolver):
         self.allow_tf32 = bool(allow_tf32)
         self._network = copy.deepcopy(network).to(device=device, dtype=dtype)
         self.device = next(self._network.parameters()).device
-        # plain SGD is stateless, so (particles, step count) is the whole solver state
-        self._optimizer = torch.optim.SGD(param_groups(self._network, self.lr, rule="sgd"))
-        self._time_step = time_step(self._network, self.lr)
-        self._steps = 0
+        groups = param_groups(self._network, self.lr, rule=rule)
+        self.update_factories = UpdateFactories(optimizer=optimizer, scheduler=scheduler, rule=rule)
+        self._update = ScheduledOptimizer(optimizer, scheduler, groups)
+        self._optimizer = self._update.optimizer
+        self.update = describe_update(optimizer, scheduler)
+        self._clock = MeanFieldClock(time_step(self._network, self.lr))
 
     @property
     def network(self) -> nn.Module:
@@ -333,7 +367,7 @@ class ParticleLimitSolver(EulerSolver):
         return self._network
 
     def _euler_step(self, x: Tensor, y: Tensor) -> float:
-        """One SGD step on a prepared batch; returns the loss before the update.
+        """One optimizer step on a prepared batch; returns the loss before the update.
 
         Raises:
             DivergenceError: the loss is not finite (the particles are left as they were).
@@ -343,12 +377,12 @@ class ParticleLimitSolver(EulerSolver):
             if not torch.isfinite(loss):
                 what = f"the loss is {loss.item()}"
                 sizes = GradientNorms.measure(self._optimizer).update_sizes()  # last step's
-                message = divergence_message("limit solver", what, self._steps, self.time, sizes)
+                message = divergence_message("limit solver", what, self.steps, self.time, sizes)
                 raise DivergenceError(message)
             self._optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self._optimizer.step()
-        self._steps += 1
+            self._clock.tick(self._optimizer)  # with this step's scheduled lrs
+            self._update.step()
         return loss.item()
 
     @torch.no_grad()
@@ -375,24 +409,29 @@ class ParticleLimitSolver(EulerSolver):
         return couple(self, widths, generator=generator, method=method, dtype=dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        """Particles, step count, ``lr`` and ``loss``: plain tensors/ints/floats/strings.
+        """Particles, clock, optimizer and scheduler states, ``lr``, ``loss`` and the update.
 
-        Loadable with ``torch.load(..., weights_only=True)``.
+        Plain tensors/ints/floats/strings: loadable with ``torch.load(..., weights_only=True)``.
         """
         return {
             "particles": self._network.state_dict(),
-            "steps": self._steps,
+            "steps": self.steps,
+            "clock": self._clock.state_dict(),
+            "optimizer": self._update.state_dict(),
             "lr": self.lr,
             "loss": self.loss,
+            "update": self.update,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume exactly from ``state_dict`` (same architecture, ``lr`` and ``loss``).
+        """Resume exactly from ``state_dict`` (same architecture, ``lr``, ``loss`` and update).
 
         Raises:
-            ValueError: the state was saved with another ``lr`` or ``loss``, or is damaged
-                (NaN/infinite particles, a negative step count).
+            ValueError: the state was saved with another ``lr``, ``loss`` or optimizer, or is
+                damaged (NaN/infinite particles, a negative step count).
         """
         self._check_saved(state_dict)
         self._network.load_state_dict(state_dict["particles"])
-        self._steps = int(state_dict["steps"])
+        load_clock(self._clock, state_dict)
+        if "optimizer" in state_dict:
+            self._update.load_state_dict(state_dict["optimizer"])
