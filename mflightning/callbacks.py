@@ -107,8 +107,9 @@ class LimitTracker(Callback):
 
     Args:
         solver: the limit solver (``ParticleLimitSolver`` or ``ReducedLimitSolver``); its ``lr``
-            must equal the module's canonical step (``module.time_step``) and its ``loss`` the
-            module's loss. ``None`` builds one at fit start (see ``limit``) in ``dtype``.
+            must equal the module's canonical step (``module.time_step``), its ``loss`` the
+            module's loss, and its update (``optimizer``, ``scheduler``, ``rule``) the module's.
+            ``None`` builds one at fit start (see ``limit``) in ``dtype``.
         particles: M when ``solver`` is ``None``: neurons per hidden layer of a particle solver
             (use M >= 8 N, §B.4), atoms per end layer of a reduced one.
         limit: which solver to build when ``solver`` is ``None``: ``"auto"`` (the exact reduced

@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from mflightning.scaling import PresetName, Rule, param_groups
+from mflightning.scaling import PresetName, Rule, group_settings, param_groups
 
 ADAPTIVE_OPTIMIZERS = (
     torch.optim.Adam,
@@ -307,6 +307,20 @@ def describe_update(factory: OptimizerCallable, scheduler: SchedulerCallable | N
     if scheduler is not None:
         text += f" + {type(scheduler(probe)).__name__}"
     return text
+
+
+def state_tensors_per_parameter(factory: OptimizerCallable, rule: Rule = "sgd") -> int:
+    """How many tensors of a parameter's size the optimizer keeps per parameter (memory).
+
+    0 for plain SGD, 1 with momentum, 2 for Adam (3 with amsgrad): counted on one step of
+    ``probe_optimizer`` with a unit gradient.
+    """
+    optimizer = probe_optimizer(factory, group_settings(1.0, 1.0, rule))
+    (param,) = optimizer.param_groups[0]["params"]
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    state = optimizer.state[param]
+    return sum(isinstance(v, torch.Tensor) and v.shape == param.shape for v in state.values())
 
 
 @dataclass

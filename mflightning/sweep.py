@@ -68,7 +68,7 @@ from mflightning.losses import correct_predictions
 from mflightning.mlp import MeanFieldMLP
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
-from mflightning.optim import describe_update
+from mflightning.optim import describe_update, state_tensors_per_parameter
 from mflightning.report import (
     FIGURES,
     MIN_SEEDS,
@@ -134,9 +134,9 @@ class SweepSettings:
             ``"online"`` or ``"disabled"``.
         project: W&B project name.
         solver_dtype: ``"float64"`` (default, §E.2) or ``"float32"``.
-        batch_seeds: train the seeds of one width as one vmapped model
-            (``SeedBatch``) when the recipe uses plain SGD without a
-            scheduler; otherwise every run is its own Lightning fit.
+        batch_seeds: train the seeds of one width as one vmapped model (``SeedBatch``, stepped
+            by the recipe's own optimizer and scheduler) unless the precision is mixed;
+            otherwise every run is its own Lightning fit.
         overwrite: delete the runs, limit, report and W&B runs already in ``out`` and start
             afresh (needed to rerun a folder with another recipe).
     """
@@ -369,10 +369,11 @@ class WidthSweep:
     def _check_memory(self, points: int | None = None) -> None:
         """Refuse a sweep whose limit and networks cannot fit in memory, before building any.
 
-        Counted: the solver's particles, with their gradients (for a ``MeanFieldMLP`` particle
-        solver and ``points`` training points per batch, the bound of one step,
-        ``mflightning.limit.memory.solver_step_bytes``), every run's network and its recorded
-        limit snapshots (its ideal particles at each logging step), all held before training.
+        Counted: the solver's particles, with their gradients and optimizer states (for a
+        ``MeanFieldMLP`` particle solver and ``points`` training points per batch, the bound of
+        one step, ``mflightning.limit.memory.solver_step_bytes``), every run's network and its
+        recorded limit snapshots (its ideal particles at each logging step), all held before
+        training.
         """
         device = self._device()
         available = available_memory(device)
@@ -380,10 +381,13 @@ class WidthSweep:
             return
         solver_dtype = getattr(torch, self.settings.solver_dtype)
         wide = solver_widths(self.network, self.limit_kind, self.particles)
+        states = state_tensors_per_parameter(self.module.optimizer_factory, self.module.rule)
         if self.limit_kind == "particles" and isinstance(self.network, MeanFieldMLP) and points:
-            solver = float(solver_step_bytes(self.network, points, solver_dtype, widths=wide))
+            solver = float(
+                solver_step_bytes(self.network, points, solver_dtype, widths=wide, states=states)
+            )
         else:
-            solver = 2 * self._parameters(wide) * solver_dtype.itemsize
+            solver = (2 + states) * self._parameters(wide) * solver_dtype.itemsize
         depth = len(self.network.widths)
         per_run = self._run_dtype().itemsize + len(self.log_steps) * solver_dtype.itemsize
         runs = sum(self._parameters([w] * depth) * per_run for w, _ in self._runs())

@@ -777,3 +777,20 @@ def test_sweep_settings_that_cannot_be_honoured_are_refused_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0] and "Traceback" not in err[0], err
     assert not (out / "runs").exists()  # refused before any training
+
+
+def test_memory_bound_counts_the_optimizer_states() -> None:
+    """Momentum keeps one buffer per parameter, Adam two (three with amsgrad): in the bound."""
+    from mflightning.limit.memory import mlp_parameter_count, solver_step_bytes
+    from mflightning.optim import state_tensors_per_parameter
+
+    momentum = functools.partial(torch.optim.SGD, momentum=0.9)
+    amsgrad = functools.partial(torch.optim.Adam, amsgrad=True)
+    assert state_tensors_per_parameter(torch.optim.SGD) == 0
+    assert state_tensors_per_parameter(momentum) == 1
+    assert state_tensors_per_parameter(torch.optim.Adam, "adam") == 2
+    assert state_tensors_per_parameter(amsgrad, "adam") == 3
+    network = _linear_net(64, 0)
+    plain = solver_step_bytes(network, 32, torch.float64)
+    adam = solver_step_bytes(network, 32, torch.float64, states=2)
+    assert adam - plain == 2 * 8 * mlp_parameter_count(network)

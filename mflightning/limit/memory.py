@@ -7,6 +7,8 @@ on a GPU, tests/test_memory.py and tests/gpu):
 * the particles: every weight and bias, ``n_params = d M_1 + sum_i M_i M_{i+1} + M_{L-1} out``
   numbers (about ``(L-2) M^2`` for hidden widths M);
 * their gradients: as many again (``zero_grad(set_to_none=True)`` frees the old ones first);
+* the optimizer's states, ``s`` tensors of every parameter's size (``s = 0`` for plain SGD, 1
+  with momentum, 2 for Adam: ``optim.state_tensors_per_parameter``; docs/theory.md §F);
 * the workspace: the P x M_i tensors autograd saves for the backward pass, ``k_i`` per hidden
   layer (``k = 1`` for relu, tanh, sigmoid and identity, whose derivative is read from the
   layer's output, the same tensor the next layer saves; ``k = 2`` for gelu, silu, softplus and
@@ -16,7 +18,7 @@ on a GPU, tests/test_memory.py and tests/gpu):
 No other M x M buffer exists: the GEMM results become the gradients in place and SGD updates the
 weights in place. So, with ``b`` bytes per number (4 for float32, 8 for float64),
 
-    peak bytes <= b * (2 n_params + (sum_i k_i + 2) P max_i M_i + P (d + out)),
+    peak bytes <= b * ((2 + s) n_params + (sum_i k_i + 2) P max_i M_i + P (d + out)),
 
 i.e. ``(L + 1) P M`` workspace numbers for relu networks and ``2 L P M`` for gelu ones. For
 L = 3 relu, d = 10, P = 4096 this is about ``8 M^2 + 65536 M`` bytes in float32: M = 32768
@@ -65,11 +67,15 @@ def mlp_parameter_count(network: MeanFieldMLP, widths: Sequence[int] | None = No
 
 
 def solver_step_bytes(
-    network: MeanFieldMLP, points: int, dtype: torch.dtype, widths: Sequence[int] | None = None
+    network: MeanFieldMLP,
+    points: int,
+    dtype: torch.dtype,
+    widths: Sequence[int] | None = None,
+    states: int = 0,
 ) -> int:
     """Upper bound on one solver step's peak memory (see the module docstring for the terms).
 
-    ``bytes = b (2 n_params + (sum_i k_i + 2) P max_i M_i + P (d + out))``.
+    ``bytes = b ((2 + s) n_params + (sum_i k_i + 2) P max_i M_i + P (d + out))``.
 
     Args:
         network: the width-M network whose neurons are the particles.
@@ -77,6 +83,7 @@ def solver_step_bytes(
         dtype: the solver's dtype (its ``itemsize`` is ``b``).
         widths: the particle network's hidden widths M_i when they differ from ``network``'s:
             the bound of ``network.with_widths(widths)``, computed without building it.
+        states: ``s``, the optimizer's state tensors per parameter (0 for plain SGD).
 
     Raises:
         TypeError: ``network`` is not a ``MeanFieldMLP``.
@@ -96,7 +103,7 @@ def solver_step_bytes(
     first, last = network.layers[0], network.layers[-1]
     assert isinstance(first, MeanFieldLinear) and isinstance(last, MeanFieldLinear)
     batch = points * (first.in_features + last.out_features)
-    return dtype.itemsize * (2 * n_params + saved * points * max(widths) + batch)
+    return dtype.itemsize * ((2 + states) * n_params + saved * points * max(widths) + batch)
 
 
 def available_memory(device: torch.device) -> int | None:
