@@ -212,16 +212,14 @@ class LimitTracker(Callback):
             assert self.particles is not None
             self.solver = build_solver(
                 network,
-                resolve_limit(self.limit, network),
+                resolve_limit(self.limit, network, pl_module.update_factories),
                 self.particles,
                 lr=pl_module.time_step,
                 loss=pl_module.loss_name,
                 dtype=self.dtype,
                 device=pl_module.device,
                 seed=self.seed,
-                optimizer=pl_module.optimizer_factory,
-                scheduler=pl_module.scheduler_factory,
-                rule=pl_module.rule,
+                **pl_module.update_factories,
             )
         self._check_solver(self.solver, pl_module, network)
         network.check_input(self._probe_inputs().to(next(network.parameters())), "probe")

@@ -36,6 +36,7 @@ from mflightning.optim import (
     MeanFieldClock,
     OptimizerCallable,
     SchedulerCallable,
+    UpdateFactories,
     build_optimizer,
     build_scheduler,
     probe_optimizer,
@@ -161,6 +162,7 @@ class MeanFieldModule(LightningModule):
         self.preset: PresetName = preset
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.update_factories = UpdateFactories(optimizer=optimizer, scheduler=scheduler, rule=rule)
         # validates lr, rule, preset, optimizer and scheduler now rather than at fit time
         build_scheduler(
             scheduler, build_optimizer(optimizer, param_groups(network, lr, rule, preset))

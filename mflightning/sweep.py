@@ -303,7 +303,7 @@ class WidthSweep:
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.name = name
         self.out = Path(settings.out or f"runs/sweep-{name}")
-        self.limit_kind = resolve_limit(settings.limit, self.network)
+        self.limit_kind = resolve_limit(settings.limit, self.network, module.update_factories)
         self.particles = settings.particles or self._default_particles()
         self.every = settings.every_n_steps or max(1, steps // 20)
         self.log_steps = sorted({*range(0, steps + 1, self.every), steps})
@@ -516,9 +516,7 @@ class WidthSweep:
             loss=self.module.loss_name,
             dtype=getattr(torch, self.settings.solver_dtype),
             device=self._device(),
-            optimizer=self.module.optimizer_factory,
-            scheduler=self.module.scheduler_factory,
-            rule=self.module.rule,
+            **self.module.update_factories,
         )
 
     def _scan_training_data(self) -> tuple[str, int]:

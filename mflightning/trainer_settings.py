@@ -44,7 +44,10 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
         f"{_ONE_DEVICE}; remove it (run a DDP training with `mfl fit`)",
     ),
     "devices": (
-        _is_default(None, "auto", 1, "1"),
+        lambda value: (
+            _is_default(None, "auto", 1, "1")(value)
+            or (isinstance(value, (list, tuple)) and len(value) == 1)
+        ),
         f"{_ONE_DEVICE}; remove it or set trainer.devices=1 (run a DDP training with `mfl fit`)",
     ),
     "num_nodes": (_is_default(None, 1), f"{_ONE_DEVICE}; remove it"),

@@ -794,3 +794,21 @@ def test_memory_bound_counts_the_optimizer_states() -> None:
     plain = solver_step_bytes(network, 32, torch.float64)
     adam = solver_step_bytes(network, 32, torch.float64, states=2)
     assert adam - plain == 2 * 8 * mlp_parameter_count(network)
+
+
+def test_auto_takes_the_particles_when_the_reduced_solver_cannot_follow_the_decay() -> None:
+    from mflightning.limit.choice import resolve_limit
+    from mflightning.optim import UpdateFactories
+
+    network = _deep_net()
+    decay = UpdateFactories(
+        optimizer=functools.partial(torch.optim.SGD, weight_decay=0.1), scheduler=None, rule="sgd"
+    )
+    momentum = UpdateFactories(
+        optimizer=functools.partial(torch.optim.SGD, momentum=0.9), scheduler=None, rule="sgd"
+    )
+    assert resolve_limit("auto", network, momentum) == "reduced"
+    with pytest.warns(UserWarning, match="weight_decay=0.1"):
+        assert resolve_limit("auto", network, decay) == "particles"
+    with pytest.raises(ValueError, match="weight_decay=0.1.*--limit particles"):
+        resolve_limit("reduced", network, decay)

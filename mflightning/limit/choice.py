@@ -15,13 +15,14 @@ limit. The reduced solver has no middle-layer noise and stays on the exact limit
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, get_args
 
 import torch
 
 from mflightning.limit.coupling import Coupling
 from mflightning.limit.ideal import IdealCoupling
-from mflightning.limit.reduced import ReducedLimitSolver, _check_reducible
+from mflightning.limit.reduced import ReducedLimitSolver, _check_reducible, update_support
 from mflightning.limit.solver import ParticleLimitSolver
 from mflightning.losses import LossName
 from mflightning.mlp import MeanFieldMLP
@@ -59,26 +60,39 @@ def has_degenerate_exact_limit(network: object) -> bool:
     )
 
 
-def resolve_limit(kind: str, network: MeanFieldStack) -> Literal["particles", "reduced"]:
-    """The solver kind ``kind`` selects for ``network`` (module docstring).
+def resolve_limit(
+    kind: str, network: MeanFieldStack, update: UpdateFactories | None = None
+) -> Literal["particles", "reduced"]:
+    """The solver kind ``kind`` selects for ``network`` trained with ``update`` (module docstring).
+
+    ``"auto"`` takes the particles, with a warning, for a deep iid MLP whose update the reduced
+    solver does not follow (weight decay, docs/theory.md §F.5).
 
     Raises:
-        ValueError: an unknown ``kind``, or ``"reduced"`` for a network it does not cover (the
-            message says why and names ``particles`` as the alternative).
+        ValueError: an unknown ``kind``, or ``"reduced"`` for a network or an update it does not
+            cover (the message says why and names ``particles`` as the alternative).
     """
     if kind not in LIMIT_KINDS:
         raise ValueError(f"unknown `limit` {kind!r}; choose one of {', '.join(LIMIT_KINDS)}.")
     reason = reduced_support(network)
+    if reason is None and update is not None:
+        reason = update_support(update["optimizer"], update["rule"], len(network.widths) + 1)
     if kind == "reduced":
         if reason is not None:
             raise ValueError(
-                f"`limit` = 'reduced' cannot integrate this network's limit: {reason} "
+                f"`limit` = 'reduced' cannot integrate this network's limit: {reason.rstrip('.')}. "
                 "Use --limit particles (LimitTracker: limit='particles'): the particle solver "
                 "covers every network."
             )
         return "reduced"
     if kind == "auto" and has_degenerate_exact_limit(network):
-        return "reduced"
+        if reason is None:
+            return "reduced"
+        warnings.warn(
+            f"limit 'auto' takes the particle solver: {reason}. Its finite M can leave the "
+            "degenerate limit of this deep iid network after a time ~ log M (§D.4).",
+            stacklevel=2,
+        )
     return "particles"
 
 

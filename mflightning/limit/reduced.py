@@ -135,6 +135,23 @@ def _check_reducible(network: object) -> list[MeanFieldLinear]:
     return layers
 
 
+def update_support(optimizer: OptimizerCallable, rule: Rule, depth: int) -> str | None:
+    """Why the reduced solver cannot follow ``optimizer`` at this depth, or ``None`` (§F.5).
+
+    Weight decay with L >= 3 decays each middle weight's own initial value, which the reduction
+    replaces by its law's mean.
+    """
+    probe = probe_optimizer(optimizer, group_settings(1.0, 1.0, rule))
+    decay = probe.param_groups[0].get("weight_decay", 0)
+    if decay and depth >= 3:
+        return (
+            f"`optimizer` {type(probe).__name__} has weight_decay={decay}: it decays each middle "
+            "weight's own initial value, which the reduced solver replaces by its law's mean, so "
+            "the reduced limit does not cover it (docs/theory.md §F.5)"
+        )
+    return None
+
+
 class ReducedLimitSolver(EulerSolver):
     """Reduced iid solver R_M of the mean-field limit (docs/theory.md §B.4; equations §B.3).
 
@@ -264,14 +281,10 @@ class ReducedLimitSolver(EulerSolver):
         """
         probe = probe_optimizer(optimizer, group_settings(1.0, 1.0, rule))
         check_optimizer_rule(probe)
+        reason = update_support(optimizer, rule, depth)
+        if reason is not None:
+            raise ValueError(f"{reason}; use --limit particles (limit='particles').")
         settings = probe.param_groups[0]
-        if settings.get("weight_decay", 0) and depth >= 3:
-            raise ValueError(
-                f"`optimizer` {type(probe).__name__} has weight_decay={settings['weight_decay']}: "
-                "it decays each middle weight's own initial value, which the reduced solver "
-                "replaces by its law's mean, so the reduced limit does not cover it "
-                "(docs/theory.md §F.5); use --limit particles (limit='particles')."
-            )
         plain = type(probe) is torch.optim.SGD and scheduler is None
         return plain and not any(settings.get(k) for k in ("momentum", "weight_decay", "maximize"))
 
