@@ -808,7 +808,7 @@ def test_auto_takes_the_particles_when_the_reduced_solver_cannot_follow_the_deca
         optimizer=functools.partial(torch.optim.SGD, momentum=0.9), scheduler=None, rule="sgd"
     )
     assert resolve_limit("auto", network, momentum) == "reduced"
-    with pytest.warns(UserWarning, match="weight_decay=0.1"):
+    with pytest.warns(UserWarning, match=r"weight_decay=0\.1"):
         assert resolve_limit("auto", network, decay) == "particles"
-    with pytest.raises(ValueError, match="weight_decay=0.1.*--limit particles"):
+    with pytest.raises(ValueError, match=r"weight_decay=0\.1.*--limit particles"):
         resolve_limit("reduced", network, decay)
