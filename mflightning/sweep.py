@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,17 @@ from mflightning.limit.choice import (
     resolve_limit,
     solver_widths,
 )
-from mflightning.limit.cost import default_atoms
-from mflightning.limit.memory import available_memory, mlp_parameter_count, solver_step_bytes
+from mflightning.limit.cost import COMPILED_COST, default_atoms
+from mflightning.limit.memory import (
+    available_memory,
+    mlp_parameter_count,
+    solver_step_bytes,
+    tightest_limit,
+)
 from mflightning.limit.snapshot import LimitSnapshot, gaps_to_limit, take_snapshot
 from mflightning.limit.solver import check_solver_dtype
 from mflightning.lock import folder_lock
-from mflightning.losses import correct_predictions
+from mflightning.losses import correct_predictions, mean_field_loss
 from mflightning.mlp import MeanFieldMLP
 from mflightning.module import MeanFieldModule
 from mflightning.nn import check_positive_int
@@ -82,7 +88,6 @@ from mflightning.scaling import get_preset
 from mflightning.stack import MeanFieldStack
 from mflightning.trainer_settings import HONOURED
 from mflightning.wandb_logging import (
-    SET_ASIDE,
     WandbMode,
     check_mode,
     check_project,
@@ -94,10 +99,14 @@ from mflightning.wandb_logging import (
 )
 
 REDUCED_BUDGET_S = 60.0  # target time of a reduced limit pass with default M
+MAX_RUNS = 100_000  # widths x seeds a sweep can hold (each run keeps its network in memory)
+MIN_PARTICLES_PER_WIDTH = 8  # M >= 8 N (§B.4): below it the limit's own error shows in slopes
+REDUCED_MEMORY_SHARE = 0.5  # of the available memory the default reduced M may fill
 DEFAULT_BATCH = 256  # batch size assumed by the cost model when the data module has none
 FRESH_START = (
-    "start afresh with --sweep.overwrite true (`overwrite=True`: deletes the runs, limit, report "
-    "and W&B runs in the folder) or choose a new --out"
+    "start afresh with --sweep.overwrite true (`overwrite=True`: deletes the runs and limit of "
+    "other configurations in the folder, with their W&B runs, and keeps this one's) or choose a "
+    "new --out"
 )
 
 
@@ -137,8 +146,10 @@ class SweepSettings:
         batch_seeds: train the seeds of one width as one vmapped model (``SeedBatch``, stepped
             by the recipe's own optimizer and scheduler) unless the precision is mixed;
             otherwise every run is its own Lightning fit.
-        overwrite: delete the runs, limit, report and W&B runs already in ``out`` and start
-            afresh (needed to rerun a folder with another recipe).
+        overwrite: delete the runs and limit already in ``out`` that belong to another recipe
+            (needed to rerun a folder with another recipe); runs of this recipe are kept.
+        allow_version_change: resume a folder written by another mflightning or torch version
+            (the versions are part of the recipe, so by default such a folder is refused).
     """
 
     widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
@@ -153,6 +164,7 @@ class SweepSettings:
     solver_dtype: str = "float64"
     limit: str = "auto"
     overwrite: bool = False
+    allow_version_change: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -172,6 +184,12 @@ class SweepSettings:
                 f"`widths` needs two distinct widths to fit a slope, got {self.widths}."
             )
         check_positive_int("seeds", self.seeds)
+        if self.seeds * len(self.widths) > MAX_RUNS:
+            raise ValueError(
+                f"`seeds` = {self.seeds} gives {self.seeds * len(self.widths)} runs over "
+                f"{len(self.widths)} widths, more than a sweep can hold ({MAX_RUNS}); use --seeds "
+                "8 (a useful interval) to 64."
+            )
         if self.seeds < MIN_SEEDS:
             raise ValueError(
                 f"`seeds` = {self.seeds}: the slope intervals resample the seeds of each width, "
@@ -183,10 +201,12 @@ class SweepSettings:
             check_positive_int("every_n_steps", self.every_n_steps)
         if self.particles is not None:
             check_positive_int("particles", self.particles)
-            if self.particles < max(self.widths):
+            if self.particles <= max(self.widths):
                 raise ValueError(
-                    f"`particles` = {self.particles} is below the largest width "
-                    f"{max(self.widths)}; subsampling needs M >= N (use M >= 8N)."
+                    f"`particles` = {self.particles} is not above the largest width "
+                    f"{max(self.widths)}: the limit's own O(M^-1/2) error is then as large as the "
+                    "gaps it measures (M = N gives meaningless slopes); use --particles "
+                    f"{MIN_PARTICLES_PER_WIDTH * max(self.widths)} (M >= 8N, §B.4)."
                 )
         check_solver_dtype(self.solver_dtype, "solver_dtype")
         check_mode(self.wandb)
@@ -304,14 +324,14 @@ class WidthSweep:
         self.name = name
         self.out = Path(settings.out or f"runs/sweep-{name}")
         self.limit_kind = resolve_limit(settings.limit, self.network, module.update_factories)
-        self.particles = settings.particles or self._default_particles()
         self.every = settings.every_n_steps or max(1, steps // 20)
         self.log_steps = sorted({*range(0, steps + 1, self.every), steps})
+        self._notes: list[str] = []  # what the report must say about this sweep's settings
+        self.particles = self._choose_particles()
         self._source = plain(recipe) if recipe is not None else self._described_recipe()
         self._check_memory()
         self.wandb_mode = resolve_mode(settings.wandb)
         self._wandb_ids: dict[tuple[int, int], str] = {}
-        self._probe_note: str | None = None
 
     # --- what determines a run ----------------------------------------------------------------
 
@@ -339,6 +359,7 @@ class WidthSweep:
             },
             "trainer": plain(self.trainer_kwargs),
             "data_digest": data_digest,
+            "versions": {"mflightning": version("mflightning"), "torch": torch.__version__},
         }
 
     def _device(self) -> torch.device:
@@ -379,32 +400,56 @@ class WidthSweep:
         available = available_memory(device)
         if available is None:
             return
-        solver_dtype = getattr(torch, self.settings.solver_dtype)
-        wide = solver_widths(self.network, self.limit_kind, self.particles)
-        states = state_tensors_per_parameter(self.module.optimizer_factory, self.module.rule)
-        if self.limit_kind == "particles" and isinstance(self.network, MeanFieldMLP) and points:
-            solver = float(
-                solver_step_bytes(self.network, points, solver_dtype, widths=wide, states=states)
-            )
-        else:
-            solver = (2 + states) * self._parameters(wide) * solver_dtype.itemsize
+        solver = self._solver_bytes(self.particles, points)
         depth = len(self.network.widths)
+        solver_dtype = getattr(torch, self.settings.solver_dtype)
         per_run = self._run_dtype().itemsize + len(self.log_steps) * solver_dtype.itemsize
-        runs = sum(self._parameters([w] * depth) * per_run for w, _ in self._runs())
+        per_seed = sum(self._parameters([w] * depth) * per_run for w in self.settings.widths)
+        runs = per_seed * self.settings.seeds
         need = solver + runs
         if need <= available:
             return
-        default = "" if self.settings.particles else " (the default for these widths)"
-        raise ValueError(
-            f"this sweep needs about {need:.3g} bytes before training (the limit solver with "
-            f"M = {self.particles}{default} particles per layer: {solver:.3g} B; the "
-            f"{len(self._runs())} runs' networks with a limit snapshot at each of "
-            f"{len(self.log_steps)} logging steps: {runs:.3g} B), more than the "
-            f"{available:.3g} B available on {device.type}. Lower --widths (largest now "
-            f"{max(self.settings.widths)}) or --particles, or log less often (--every_n_steps); "
-            "mflightning.limit.memory.largest_width gives the largest M a budget allows "
-            "(docs/guide/limit.md)."
+        fitting = self._largest_fitting_particles(available - runs, points)
+        largest = max(self.settings.widths)
+        fix = (
+            f"pass --particles {fitting} (the largest M that fits), lower --widths (largest now "
+            f"{largest}) or log less often (--every_n_steps)"
+            if fitting > largest
+            else f"no M above the largest width {largest} fits beside the runs: lower --widths "
+            "or --seeds, or log less often (--every_n_steps)"
         )
+        raise ValueError(
+            f"this sweep needs about {need / 2**30:.3g} GiB before training (the limit solver "
+            f"with M = {self.particles}: {solver / 2**30:.3g} GiB; the {len(self._runs())} runs' "
+            f"networks with a limit snapshot at each of {len(self.log_steps)} logging steps: "
+            f"{runs / 2**30:.3g} GiB), more than the {available / 2**30:.3g} GiB this process may "
+            f"use on {device.type} (limited by {tightest_limit(device)}); {fix}."
+        )
+
+    def _solver_bytes(self, particles: int, points: int | None = None) -> float:
+        """Memory of the limit solver with M = ``particles`` (``_check_memory``)."""
+        solver_dtype = getattr(torch, self.settings.solver_dtype)
+        wide = solver_widths(self.network, self.limit_kind, max(particles, 1))
+        states = state_tensors_per_parameter(self.module.optimizer_factory, self.module.rule)
+        if self.limit_kind == "particles" and isinstance(self.network, MeanFieldMLP) and points:
+            return float(
+                solver_step_bytes(self.network, points, solver_dtype, widths=wide, states=states)
+            )
+        count = self._parameters(wide) if particles > 0 else 0.0
+        # fields, their gradients (the particles) or a copy in the optimizer step (reduced), states
+        return (2 + states) * count * solver_dtype.itemsize
+
+    def _largest_fitting_particles(self, budget: float, points: int | None) -> int:
+        """The largest M whose solver fits in ``budget`` bytes (0 if none does)."""
+        low, high = 0, 1
+        while self._solver_bytes(high, points) <= budget:
+            low, high = high, 2 * high
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (
+                (middle, high) if self._solver_bytes(middle, points) <= budget else (low, middle)
+            )
+        return low
 
     # --- folders and runs ---------------------------------------------------------------------
 
@@ -437,47 +482,103 @@ class WidthSweep:
         limit = [self.out / "limit.json"] if (self.out / "limit.json").is_file() else []
         return limit + sorted((self.out / "runs").glob("*.json"))
 
-    def _clear(self) -> None:
-        """``overwrite``: delete the runs, limit, report, figures and W&B runs in ``out``."""
-        outputs = ["report.json", "curves.csv", *(f"{name}.png" for name in FIGURES)]
-        for path in [*self._stored(), *(self.out / name for name in outputs)]:
-            path.unlink(missing_ok=True)
-        wandb = self.out / "wandb"
-        for run in [*wandb.glob("offline-run-*"), *wandb.glob("run-*"), wandb / SET_ASIDE]:
-            shutil.rmtree(run, ignore_errors=True)
+    def _comparable(self, recipe: dict[str, Any]) -> dict[str, Any]:
+        """``recipe`` as compared with a stored one: without versions if a change is allowed."""
+        if not self.settings.allow_version_change:
+            return recipe
+        return {key: value for key, value in recipe.items() if key != "versions"}
 
-    def _check_stored(self, recipe: dict[str, Any]) -> None:
-        """Refuse a folder holding files of another recipe, naming the keys that differ."""
+    def _foreign(self, recipe: dict[str, Any]) -> tuple[list[Path], list[str]]:
+        """The stored files that do not hold this sweep's ``recipe``, and what differs.
+
+        A run file is foreign when its recipe differs, when its name, its ``run`` entry and its
+        result disagree on the width and seed, or when its fingerprint is not that of its recipe
+        and run (an edited file).
+        """
         changed: dict[str, None] = {}
         files = []
         for path in self._stored():
             data = read_json(path)
             stored = data.get("recipe") if isinstance(data, dict) else None
             if stored is None:
-                files.append(path.name)
+                files.append(path)
                 changed["(no recipe: written by an older mflightning)"] = None
                 continue
-            run = data.get("run")
-            if path.parent.name == "runs" and (
-                not isinstance(run, dict)
-                or path.stem != self.run_name(run.get("width", -1), run.get("seed", -1))
-            ):
-                files.append(path.name)
-                changed[f"(runs/{path.name} holds run {run})"] = None
-            elif stored != recipe:
-                files.append(path.name)
+            if path.parent.name == "runs" and (reason := self._run_file_mismatch(path, data)):
+                files.append(path)
+                changed[f"(runs/{path.name} {reason})"] = None
+            elif self._comparable(stored) != self._comparable(recipe):
+                files.append(path)
                 changed |= dict.fromkeys(differences(stored, recipe))
+        return files, list(changed)
+
+    def _run_file_mismatch(self, path: Path, data: dict[str, Any]) -> str | None:
+        """Why a run file cannot be trusted (name, run entry, result, fingerprint), or ``None``."""
+        run = data.get("run")
+        if not isinstance(run, dict) or path.stem != self.run_name(
+            run.get("width", -1), run.get("seed", -1)
+        ):
+            return f"holds run {run}"
+        result = data.get("result")
+        if not isinstance(result, dict) or (result.get("width"), result.get("seed")) != (
+            run["width"],
+            run["seed"],
+        ):
+            return f"holds the result of another run than {run}"
+        if data.get("fingerprint") != fingerprint(data["recipe"] | {"run": run}):
+            return "has a fingerprint that is not that of its recipe and run (edited)"
+        return None
+
+    def _clear(self, files: list[Path]) -> None:
+        """``overwrite``: delete ``files`` (of another recipe), their W&B runs and the report.
+
+        Runs of this sweep's recipe stay: an interrupted ``overwrite`` sweep resumes them.
+        """
+        ids = []
+        for path in files:
+            if path.parent.name == "runs":
+                ids.append(str(read_json(path).get("wandb_id")))
+            path.unlink(missing_ok=True)
+        outputs = ["report.json", "curves.csv", *(f"{name}.png" for name in FIGURES)]
+        for path in (self.out / name for name in outputs):
+            path.unlink(missing_ok=True)
+        wandb = self.out / "wandb"
+        for run in [*wandb.glob("offline-run-*"), *wandb.glob("run-*")]:
+            if any(run.name.endswith(f"-{run_id}") for run_id in ids):
+                shutil.rmtree(run, ignore_errors=True)
+
+    def _check_stored(self, recipe: dict[str, Any]) -> None:
+        """Refuse a folder holding files of another recipe, naming the keys that differ.
+
+        Under ``overwrite`` those files are deleted instead (``_clear``).
+        """
+        files, changed = self._foreign(recipe)
         if not files:
             return
-        shown = list(changed)
-        more = f"; and {len(shown) - 10} more" if len(shown) > 10 else ""
-        names = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        if self.settings.overwrite:
+            self._clear(files)
+            return
+        more = f"; and {len(changed) - 10} more" if len(changed) > 10 else ""
+        names = ", ".join(p.name for p in files[:3])
+        names += f" and {len(files) - 3} more" if len(files) > 3 else ""
+        versions = (
+            " (or, for a new mflightning or torch version only, --sweep.allow_version_change "
+            "true to keep the finished runs)"
+            if any(key.startswith("versions.") for key in changed)
+            else ""
+        )
         raise ValueError(
             f"the report folder `out` = {self.out} holds results of another configuration "
             f"({names}), which this sweep must not mix with its own: "
-            f"{'; '.join(shown[:10])}{more}. A run is reused only when everything that "
-            f"determines it is identical: {FRESH_START}."
+            f"{'; '.join(changed[:10])}{more}. A run is reused only when everything that "
+            f"determines it is identical: {FRESH_START}{versions}."
         )
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete temporary files that a killed sweep left in ``out`` (held lock: none in use)."""
+        for pattern in (".*.tmp", ".write-test-*"):
+            for path in [*self.out.glob(pattern), *(self.out / "runs").glob(pattern)]:
+                path.unlink(missing_ok=True)
 
     def _load_finished(self, width: int, seed: int) -> RunResult | None:
         """A finished run's result (its recipe was checked by ``_check_stored``), if saved."""
@@ -488,23 +589,87 @@ class WidthSweep:
 
     # --- the limit ----------------------------------------------------------------------------
 
-    def _default_particles(self) -> int:
-        """M when the recipe gives none: 8 x the largest width, or the reduced cost model.
+    def _choose_particles(self) -> int:
+        """M: ``--particles``, else the M the folder was started with, else the default.
 
-        For a reduced reference (L >= 4) M is the largest number of end atoms whose limit pass,
-        with every run of the sweep coupled to it, takes about ``REDUCED_BUDGET_S`` seconds on
-        this CPU (``mflightning.limit.cost.default_atoms``), and at least 16 x the largest width.
+        A folder keeps its M on resume (stated in the report), so that a default that would come
+        out differently today (other widths, another machine's memory) does not turn finished
+        runs into "another configuration". M must exceed the largest width; below 8 N the sweep
+        warns and the report says so.
+
+        Raises:
+            ValueError: a kept M that is not above the largest width (naming the value to pass).
+        """
+        largest = max(self.settings.widths)
+        particles = self.settings.particles
+        if particles is None and (kept := self._stored_particles()) is not None:
+            particles = kept
+            self._notes.append(
+                f"M = {kept} is the M this folder was started with (limit.json), kept on resume; "
+                "pass --particles to choose another (with --sweep.overwrite true)."
+            )
+            if kept <= largest:
+                raise ValueError(
+                    f"this folder was started with M = {kept} particles, not above the largest "
+                    f"width {largest} now asked for; resume with the widths it was started with, "
+                    f"or start afresh with --particles {MIN_PARTICLES_PER_WIDTH * largest} "
+                    "--sweep.overwrite true."
+                )
+        particles = particles or self._default_particles()
+        if particles < MIN_PARTICLES_PER_WIDTH * largest:
+            note = (
+                f"M = {particles} is below {MIN_PARTICLES_PER_WIDTH} x the largest width "
+                f"{largest}: the limit's own O(M^-1/2) error is a visible part of the widest runs' "
+                f"gaps and flattens the slopes (§B.4); use --particles "
+                f"{MIN_PARTICLES_PER_WIDTH * largest} or more."
+            )
+            warnings.warn(note, stacklevel=3)
+            self._notes.append(note)
+        return particles
+
+    def _stored_particles(self) -> int | None:
+        """The M recorded in the folder's ``limit.json``, if the folder has one that is readable."""
+        path = self.out / "limit.json"
+        if not path.is_file():
+            return None
+        try:
+            particles = read_json(path)["recipe"]["sweep"]["particles"]
+        except (ValueError, KeyError, TypeError):  # damaged or older files: _check_stored says
+            return None
+        return particles if isinstance(particles, int) and particles > 0 else None
+
+    def _default_particles(self) -> int:
+        """M when neither the recipe nor the folder gives one (``_choose_particles``).
+
+        The particle solver: 8 x the largest width (§B.4). The reduced solver (L >= 4): the
+        largest number of end atoms whose limit pass, with one network of the largest width
+        coupled, takes about ``REDUCED_BUDGET_S`` seconds under the reference cost model of the
+        compiled passes (``mflightning.limit.cost.default_atoms`` with ``COMPILED_COST``), at
+        least 16 x the largest width, and at most what fills ``REDUCED_MEMORY_SHARE`` of the
+        memory available. It does not depend on the number of seeds or on whether this machine
+        compiled the passes, so adding seeds or resuming elsewhere keeps it.
         """
         largest = max(self.settings.widths)
         depth = len(self.network.widths) + 1
         if self.limit_kind != "reduced" or depth < MIN_REDUCED_DEPTH:
-            return 8 * largest
+            return MIN_PARTICLES_PER_WIDTH * largest
         batch = getattr(self.datamodule, "batch_size", None) or DEFAULT_BATCH
-        coupled = [
-            [w] * (depth - 1) for w in self.settings.widths for _ in range(self.settings.seeds)
-        ]
         features = int(self.network.to_config()["init_args"]["in_features"])
-        return default_atoms(features, int(batch), depth, self.steps, coupled, REDUCED_BUDGET_S)
+        timed = default_atoms(
+            features,
+            int(batch),
+            depth,
+            self.steps,
+            [[largest] * (depth - 1)],
+            REDUCED_BUDGET_S,
+            cost=COMPILED_COST,
+        )
+        available = available_memory(self._device())
+        if available is None:
+            return timed
+        per_atom = self._solver_bytes(1) - self._solver_bytes(0)
+        fitting = 64 * int(REDUCED_MEMORY_SHARE * available / max(per_atom, 1.0) / 64)
+        return max(16 * largest, min(timed, fitting))
 
     def _solver(self) -> LimitSolver:
         """The limit solver, stepping with the module's optimizer, scheduler and rule (§F)."""
@@ -570,11 +735,12 @@ class WidthSweep:
                 )
         size = len(probe[0])
         if size < self.settings.probe_size:
-            self._probe_note = (
+            note = (
                 f"probe_size {self.settings.probe_size} was asked for but val_dataloader() has "
                 f"{size} examples: the gaps are measured on those {size}."
             )
-            warnings.warn(self._probe_note, stacklevel=3)
+            warnings.warn(note, stacklevel=3)
+            self._notes.append(note)
         return probe
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -643,6 +809,30 @@ class WidthSweep:
         if exact is not None:
             record["exact_relative_gap"] = exact_gap
         return snapshots, record
+
+    def _check_scale(self, solver: LimitSolver, probe: tuple[Tensor, Tensor]) -> None:
+        """Refuse inputs so large that the outputs or the loss overflow before any training.
+
+        At t = 0 the limit's outputs on the probe, and their loss in the runs' dtype, must be
+        finite: otherwise every gap of every run would be infinite or NaN.
+
+        Raises:
+            ValueError: naming the size of the inputs and of the outputs, and the fix.
+        """
+        x, y = probe
+        output = solver(x)
+        run_dtype = self._run_dtype()
+        target = y.to(run_dtype) if y.is_floating_point() else y
+        loss = mean_field_loss(self.module.loss_name, output.to(run_dtype), target)
+        if bool(torch.isfinite(output).all()) and bool(torch.isfinite(loss)):
+            return
+        raise ValueError(
+            f"the inputs are too large for the networks: at initialization the limit's outputs "
+            f"on the probe reach {output.abs().max().item():.3g} and the {self.module.loss_name} "
+            f"loss in {str(run_dtype).removeprefix('torch.')} is {loss.item()} (largest input "
+            f"|x| = {x.abs().max().item():.3g}), so every gap would overflow; standardize the "
+            "inputs (subtract the mean, divide by the standard deviation) in the data module."
+        )
 
     # --- one run ------------------------------------------------------------------------------
 
@@ -891,10 +1081,8 @@ class WidthSweep:
             _digest(probe_hash, tensor)
         digest = {"train": train_digest, "probe": probe_hash.hexdigest()}
         recipe = self._recipe(digest, len(probe[0]))
-        if self.settings.overwrite:
-            self._clear()
-        else:
-            self._check_stored(recipe)
+        self._remove_stale_temporaries()
+        self._check_stored(recipe)
         results = {key: r for key in self._runs() if (r := self._load_finished(*key)) is not None}
         todo = [key for key in self._runs() if key not in results]
         if self.wandb_mode != "disabled":
@@ -902,6 +1090,7 @@ class WidthSweep:
         limit_path = self.out / "limit.json"
         if todo or not limit_path.is_file():
             solver = self._solver()
+            self._check_scale(solver, probe)
             exact = exact_beside(solver)
             couplings: dict[tuple[int, int], AnyCoupling] = {}
             networks: dict[tuple[int, int], MeanFieldStack] = {}
@@ -951,7 +1140,7 @@ class WidthSweep:
             "wandb": self.wandb_mode,
             "fingerprint": fingerprint(recipe),
             "recipe": recipe,
-            "notes": [self._probe_note] if self._probe_note else [],
+            "notes": list(self._notes),
         }
 
     def _write_report(

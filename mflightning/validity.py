@@ -16,6 +16,10 @@ single noisy step in the middle of a run does not set it, and a gap that keeps i
 end has none (``null``). Steps without a fit (a zero gap, e.g. the coupled deviation at t = 0, or
 diverged seeds) are skipped.
 
+**Enough evidence.** A horizon needs at least ``MIN_HORIZON_SEEDS`` seeds per width and
+``MIN_HORIZON_STEPS`` fitted logged steps: with fewer, a run of off-rate steps is as likely to be
+seed noise as a departure, and no ``t*`` is given (the entry's ``note`` says why).
+
 After ``t*`` the gaps no longer measure how far a network is from its limit: each network has
 left the limit, narrow ones first (docs/theory.md §D.4: deep iid networks escape their degenerate
 limit after a time that grows like ``log N``).
@@ -31,6 +35,8 @@ from mflightning.widthfit import Aggregate, fit_loglog_slope
 
 EXPECTED_SLOPE = -0.5
 RATE_TOLERANCE = 0.25
+MIN_HORIZON_SEEDS = 4  # seeds per width before a horizon is stated
+MIN_HORIZON_STEPS = 5  # fitted logged steps before a horizon is stated
 GAP_METRICS = {"output_gap": "rms", "loss_gap": "rms"}  # the §C.1/§C.2 aggregates; dev: median
 
 
@@ -99,17 +105,43 @@ def horizon(series: list[dict[str, Any]]) -> dict[str, Any] | None:
     return start
 
 
+def _too_little_evidence(histories: list[RunHistory], series: list[dict[str, Any]]) -> str | None:
+    """Why ``series`` cannot support a horizon (too few seeds or fitted steps), or ``None``."""
+    seeds: dict[float, int] = {}
+    for history in histories:
+        seeds[history.width] = seeds.get(history.width, 0) + 1
+    fewest = min(seeds.values(), default=0)
+    fitted = sum(entry["ci_low"] is not None for entry in series)
+    if fewest < MIN_HORIZON_SEEDS:
+        return (
+            f"no horizon: {fewest} seeds per width, fewer than the {MIN_HORIZON_SEEDS} needed to "
+            "tell a departure from seed noise (--seeds 8)"
+        )
+    if fitted < MIN_HORIZON_STEPS:
+        return (
+            f"no horizon: {fitted} fitted logged steps, fewer than the {MIN_HORIZON_STEPS} "
+            "needed (log more often with --every_n_steps)"
+        )
+    return None
+
+
 def validity(histories: list[RunHistory], metrics: list[str]) -> dict[str, Any]:
-    """``{metric: {"step_star", "t_star", "series"}}`` for ``metrics`` (module docstring)."""
+    """``{metric: {"step_star", "t_star", "series"}}`` for ``metrics`` (module docstring).
+
+    With too few seeds or fitted steps the entry has no horizon and a ``note`` saying why.
+    """
     report: dict[str, Any] = {}
     for metric in metrics:
         series = slope_series(histories, metric)
-        star = horizon(series)
+        note = _too_little_evidence(histories, series)
+        star = horizon(series) if note is None else None
         report[metric] = {
             "step_star": None if star is None else star["step"],
             "t_star": None if star is None else star["mf_time"],
             "series": series,
         }
+        if note is not None:
+            report[metric]["note"] = note
     return report
 
 

@@ -120,8 +120,14 @@ class IdealCoupling:
         self.solver = solver
         self.network = network
         self.tracers = tracers
-        # the solver is at t = 0 (checked by couple): its state and the network's are the starts
-        self._start = {name: value.clone() for name, value in solver.fields.items()}
+        # the solver is at t = 0 (checked by couple): the starts of the biases that are not
+        # tracers (one value each, or one per output); never a copy of the atoms' fields, which
+        # every coupled run of a sweep would hold again (M x d numbers each)
+        self._start = {
+            name: value.clone()
+            for name, value in solver.fields.items()
+            if name.startswith("b") and name not in tracers
+        }
         layers = linear_layers(network)
 
         def own(tensor: Tensor) -> Tensor:

@@ -106,16 +106,21 @@ def solver_step_bytes(
     return dtype.itemsize * ((2 + states) * n_params + saved * points * max(widths) + batch)
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on ``device``, or ``None`` where it cannot be read.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+MEMORY_HEADROOM = 0.9  # of the limit a process may plan to use: the allocator and Python need room
 
-    A CUDA device: its free memory (``torch.cuda.mem_get_info``); the CPU: ``MemAvailable`` of
-    ``/proc/meminfo`` (Linux), else the physical memory (``os.sysconf``).
-    """
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
+
+def _read_int(path: Path) -> int | None:
+    """An integer file such as ``memory.max``; ``None`` when absent, unreadable or ``max``."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
         return None
+    return int(text) if text.isdigit() else None
+
+
+def _meminfo_available() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes, else the physical memory."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -126,6 +131,75 @@ def available_memory(device: torch.device) -> int | None:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, OSError, ValueError):
         return None
+
+
+def _cgroup_available(root: Path = CGROUP_ROOT) -> int | None:
+    """What the process's cgroup still allows: ``memory.max - memory.current`` (v2) or v1's pair.
+
+    ``None`` without a limit (``max``) or where the files cannot be read.
+    """
+    for limit, usage in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        cap, used = _read_int(root / limit), _read_int(root / usage)
+        if cap is not None and cap < 2**60:  # v1 writes "no limit" as a huge number
+            return max(0, cap - (used or 0))
+    return None
+
+
+def _address_space_available() -> int | None:
+    """``RLIMIT_AS`` (``ulimit -v``, ``prlimit --as``) less the address space already mapped."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    mapped = 0
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                mapped = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return max(0, soft - mapped)
+
+
+def memory_limits(device: torch.device) -> dict[str, int]:
+    """Every limit on the memory this process may still use on ``device``, in bytes, by source.
+
+    A CUDA device: its free memory (``torch.cuda.mem_get_info``). The CPU: ``MemAvailable`` of
+    ``/proc/meminfo`` (else the physical memory), the cgroup's ``memory.max`` less
+    ``memory.current`` (containers, SLURM jobs) and ``RLIMIT_AS`` less the mapped address space
+    (``ulimit -v``). Sources that cannot be read, or set no limit, are left out.
+    """
+    if device.type == "cuda":
+        return {"cuda free": int(torch.cuda.mem_get_info(device)[0])}
+    if device.type != "cpu":
+        return {}
+    limits = {
+        "available RAM": _meminfo_available(),
+        "cgroup memory.max": _cgroup_available(),
+        "RLIMIT_AS": _address_space_available(),
+    }
+    return {name: value for name, value in limits.items() if value is not None}
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the process may plan to fill on ``device``: ``MEMORY_HEADROOM`` of the tightest limit.
+
+    ``None`` where no limit can be read (``memory_limits``).
+    """
+    limits = memory_limits(device)
+    return int(MEMORY_HEADROOM * min(limits.values())) if limits else None
+
+
+def tightest_limit(device: torch.device) -> str:
+    """The name of the tightest limit of ``memory_limits`` (for messages), or ``"unknown"``."""
+    limits = memory_limits(device)
+    return min(limits, key=lambda name: limits[name]) if limits else "unknown"
 
 
 def largest_width(
