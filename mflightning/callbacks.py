@@ -79,9 +79,13 @@ def log_gaps(
 
 
 def _architecture(network: MeanFieldStack) -> dict[str, Any]:
-    """Everything but the widths: what a solver and a network must share."""
+    """Everything but the widths: what a solver and a network must share.
+
+    The widths are under the network's ``width_argument``: ``widths`` for a ``MeanFieldMLP``,
+    ``channels`` for a ``MeanFieldConvNet`` (docs/theory.md §E.3 item 18).
+    """
     config = dict(network.to_config()["init_args"])
-    config.pop("widths")
+    config.pop(network.width_argument)
     return config
 
 
@@ -125,6 +129,8 @@ class LimitTracker(Callback):
         couple: couple the module's network at fit start and log coupled deviations: its
             weights are overwritten with a subsample of the particles (particle solver) or kept
             and given ideal particles (reduced solver); ``False`` tracks output and loss gaps.
+            A module whose weights were already trained (``module.clock.steps > 0``: an
+            earlier fit, a loaded checkpoint) is refused at fit start unless ``couple=False``.
         seed: seed of the coupling index sets (and of the particles when they are built here).
         dtype: dtype of a solver built here (float64 by default, §E.2).
 
@@ -266,6 +272,7 @@ class LimitTracker(Callback):
                 f"the `solver` is at step {self.solver.steps} but training starts at step "
                 f"{trainer.global_step}; couple at the start or resume both from one checkpoint."
             )
+        self._refuse_trained(pl_module)
         network = pl_module.network
         assert isinstance(network, MeanFieldStack)
         if isinstance(self.solver, ReducedLimitSolver):  # ideal particles of the module's own init
@@ -277,6 +284,29 @@ class LimitTracker(Callback):
         with torch.no_grad():
             for target, source in zip(network.parameters(), small.parameters(), strict=True):
                 target.copy_(source)
+
+    @staticmethod
+    def _refuse_trained(module: MeanFieldModule) -> None:
+        """Refuse to couple a module whose weights have already been trained (§B.4).
+
+        Coupling starts the network and the limit together at ``mf_time`` 0 from the initial
+        law: the particle solver overwrites the weights with a subsample of its particles, the
+        reduced one takes them as initial weights. The module's clock counts the optimizer steps
+        its weights have taken (a previous fit, or a loaded checkpoint); this runs before
+        ``MeanFieldModule.on_fit_start`` resets it for the new fit.
+
+        Raises:
+            ValueError: ``module.clock.steps > 0``, naming ``couple=False`` and a fresh module.
+        """
+        if module.clock.steps == 0:
+            return
+        raise ValueError(
+            f"LimitTracker(couple=True) would overwrite the weights of a module already trained "
+            f"for {module.clock.steps} steps (mf_time {module.mf_time:g}): coupling starts the "
+            "network from the limit's initial law (docs/theory.md §B.4); pass couple=False to "
+            "keep the trained weights (output and loss gaps to a limit that starts now), or "
+            "attach the tracker to a freshly built module."
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

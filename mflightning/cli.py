@@ -11,6 +11,9 @@ mean-field param groups; a top-level ``optimizer:``/``lr_scheduler:`` entry, whi
 would apply to ``model.parameters()``, is refused. A recipe's ``sweep:`` section
 (``SweepSettings``) is read by ``mfl sweep`` and ignored by ``mfl fit``.
 
+``mfl predict`` saves the outputs in ``predictions.pt`` under the log directory and prints its
+path (``PredictionFile``).
+
 User errors (a bad recipe, flag or file) print one line ``error: ...`` on stderr and exit with
 code 2; ``--debug`` (or ``MFL_DEBUG=1``) shows the traceback instead. Ctrl-C prints how to resume
 and exits with code 130.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import inspect
 import os
 import re
@@ -28,20 +32,23 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
 
 from mflightning.guards import DivergenceError
-from mflightning.io import verify_checkpoint
+from mflightning.io import atomic_target, verify_checkpoint
 from mflightning.module import MeanFieldModule
 from mflightning.report import summary_lines
 from mflightning.sweep import SweepSettings, WidthSweep
@@ -70,7 +77,8 @@ SUBCOMMANDS = {
     "fit": "train a recipe (a Lightning fit with the mean-field learning rates)",
     "validate": "evaluate a model or checkpoint on the validation split (loss, accuracy, mf_time)",
     "test": "evaluate a model or checkpoint on the test split (the validation split if none)",
-    "predict": "the network's outputs on the predict split (the validation inputs if none)",
+    "predict": "the network's outputs on the predict split (the validation inputs if none), "
+    "saved to predictions.pt under the log directory",
 }
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,  # mflightning's refusals, jsonargparse's validation, corrupt files
@@ -81,6 +89,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 DEBUG_ENV = "MFL_DEBUG"
 KEY_PATTERN = re.compile(r'Parser key "([^"]+)":\s*')
+CLASS_PATH_PATTERN = re.compile(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)")
 CLASS_PATTERN = re.compile(r"<class '([\w.]+)'>")
 
 
@@ -96,6 +105,48 @@ class MeanFieldArgumentParser(LightningArgumentParser):
 
 
 RECIPE_KEYS = ("seed_everything", "model", "data")  # with the sweep's own: what a run depends on
+
+
+class PredictionFile(BasePredictionWriter):
+    """Saves ``mfl predict``'s outputs in ``<trainer.log_dir>/predictions.pt`` (``torch.save``).
+
+    The file holds the batches' outputs concatenated along the batch dimension: one tensor, or a
+    list of tensors with several predict dataloaders. With several processes each writes its own
+    ``predictions-rank<k>.pt``. The write is atomic (``mflightning.io.atomic_target``).
+
+    Attributes:
+        written: ``(path, description)`` of the file written, ``None`` before.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+        self.written: tuple[Path, str] | None = None
+
+    def write_on_epoch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
+    ) -> None:
+        """Concatenate each dataloader's batches along the batch dimension and save them."""
+        loaders = [predictions] if len(trainer.num_predict_batches) == 1 else predictions
+        outputs = [
+            torch.cat(list(batches)) if all(isinstance(b, Tensor) for b in batches) else batches
+            for batches in loaders
+        ]
+        if not outputs:
+            return
+        rank = "" if trainer.world_size == 1 else f"-rank{trainer.global_rank}"
+        path = Path(trainer.log_dir or trainer.default_root_dir) / f"predictions{rank}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_target(path) as tmp:
+            torch.save(outputs[0] if len(outputs) == 1 else outputs, tmp)
+        shapes = ", ".join(
+            f"shape {tuple(o.shape)}" if isinstance(o, Tensor) else f"{len(o)} batches"
+            for o in outputs
+        )
+        self.written = (path, shapes)
 
 
 class MeanFieldCLI(LightningCLI):
@@ -151,8 +202,19 @@ class MeanFieldCLI(LightningCLI):
         self._validation_split_for("test_dataloader")
 
     def before_predict(self) -> None:
-        """Predict on the validation inputs when the data module has no predict split."""
+        """Predict on the validation inputs when the data module has no predict split.
+
+        Adds a ``PredictionFile`` writer, so the outputs are saved under the log directory.
+        """
         self._validation_split_for("predict_dataloader")
+        self._prediction_file = PredictionFile()
+        self.trainer.callbacks.append(self._prediction_file)  # type: ignore[attr-defined]
+
+    def after_predict(self) -> None:
+        """Say where the predictions were written."""
+        written = self._prediction_file.written
+        if written is not None and self.trainer.is_global_zero:
+            print(f"predictions: {written[0]} ({written[1]}; read with torch.load)")
 
 
 @contextlib.contextmanager
@@ -302,6 +364,9 @@ def _one_line(error: BaseException) -> str:
         chain.append(current)
         current = current.__cause__
     key = next((m.group(1) for e in chain if (m := KEY_PATTERN.search(str(e)))), None)
+    unimportable = next((m for e in chain if (m := CLASS_PATH_PATTERN.search(str(e)))), None)
+    if unimportable is not None:
+        return _unimportable_class_path(key, *unimportable.groups())
     for candidate in reversed(chain):
         for line in str(candidate).splitlines():
             text = line.strip().removeprefix("- ").strip()
@@ -315,13 +380,38 @@ def _one_line(error: BaseException) -> str:
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
-_interrupted = False
+def _unimportable_class_path(key: str | None, class_path: str, reason: str) -> str:
+    """One line for a ``class_path`` that cannot be imported: the key, the path, the cause, a fix.
+
+    ``reason`` is the import's own error (``No module named 'x'``, ``module 'm' has no attribute
+    'C'``, or whatever the module raised while being imported). The closest class of an already
+    imported module is suggested; nothing new is imported here.
+    """
+    module_name, _, name = class_path.rpartition(".")
+    module = sys.modules.get(module_name)
+    classes = [attr for attr, value in vars(module or object).items() if isinstance(value, type)]
+    close = difflib.get_close_matches(name, classes, n=1, cutoff=0.75) if module else []
+    hint = f" Did you mean '{module_name}.{close[0]}'?" if close else ""
+    where = f"{key}: " if key else ""
+    return (
+        f"{where}`class_path` {class_path!r} cannot be imported: {reason.strip()}.{hint} Fix "
+        "the dotted path (module.Class), or the import error of its module."
+    )
+
+
+_interrupted: int | None = None  # the signal that interrupted the command, if any
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
 
 
 def _on_interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGINT handler: remember the Ctrl-C (Lightning turns it into ``sys.exit(1)``), raise."""
+    """SIGINT/SIGTERM handler: remember the signal, raise ``KeyboardInterrupt``.
+
+    Lightning turns the exception into ``sys.exit(1)``; ``main`` reads the remembered signal.
+    SIGTERM (what schedulers such as SLURM send) is handled like Ctrl-C, so ``finally`` blocks
+    run: no temporary file is left behind and finished runs are kept.
+    """
     global _interrupted
-    _interrupted = True
+    _interrupted = signum
     raise KeyboardInterrupt
 
 
@@ -356,17 +446,19 @@ def main(args: list[str] | None = None) -> None:
         args: the arguments (default: ``sys.argv[1:]``).
 
     Raises:
-        SystemExit: code 2 after a user error (one line on stderr), 130 after Ctrl-C.
+        SystemExit: code 2 after a user error (one line on stderr), 130 after Ctrl-C, 143 after
+            SIGTERM (one line saying how to resume).
     """
     global _interrupted
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
-    _interrupted = False
+    _interrupted = None
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in EXIT_CODES}
     if main_thread:  # only the main thread receives signals
-        signal.signal(signal.SIGINT, _on_interrupt)
+        for sig in EXIT_CODES:
+            signal.signal(sig, _on_interrupt)
     try:
         _run(argv)
     except (KeyboardInterrupt, SystemExit) as stop:
@@ -375,7 +467,7 @@ def main(args: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         print(_resume_hint(argv), file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(EXIT_CODES.get(_interrupted or signal.SIGINT, 130)) from None
     except USER_ERRORS as error:
         if debug:
             raise
@@ -383,7 +475,8 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     finally:
         if main_thread:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

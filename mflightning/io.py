@@ -1,6 +1,8 @@
 """Safe files: atomic writes, checksummed JSON, CRC-checked checkpoints.
 
-* Writes are atomic: a crash mid-write leaves the previous version of the file intact.
+* Writes are atomic: a crash mid-write leaves the previous version of the file intact. A full
+  disk (or quota) is one ``DiskFullError`` line naming the file; the files already written are
+  kept and no temporary file is left, so rerunning the command once space is freed resumes.
 * The JSON files mflightning writes carry a sha256 of their canonical payload (key ``"sha256"``);
   ``read_json`` verifies it, so a truncated, damaged or edited file is refused, named, with how
   to recover, instead of being used or failing with a bare ``JSONDecodeError``.
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -33,8 +36,62 @@ RECOVER_JSON = (
 RECOVER_CHECKPOINT = "delete it and resume from an earlier checkpoint, or fit again without it"
 
 
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""The ``errno`` values of a write that failed for lack of space: a full disk, a full quota."""
+
+
 class CorruptFileError(ValueError):
     """A file is truncated, damaged or edited: the message names it and how to recover."""
+
+
+class DiskFullError(OSError, ValueError):
+    """A write failed for lack of space (``ENOSPC``) or quota (``EDQUOT``).
+
+    The message names the file, says that the files already written are kept and that rerunning
+    the same command resumes once space is freed. A ``ValueError``, so ``mfl`` prints it as one
+    line, and still an ``OSError`` with the original ``errno`` (like ``io.UnsupportedOperation``),
+    so code that handles ``OSError`` keeps working; the original error is its ``__cause__``.
+
+    Args:
+        message: the one-line message.
+        cause: the ``OSError`` of the failed write.
+    """
+
+    def __init__(self, message: str, cause: OSError) -> None:
+        super().__init__(message)
+        self.errno = cause.errno  # str() stays the message: strerror and filename are unset
+
+
+def full_disk_error(error: BaseException) -> OSError | None:
+    """The ``OSError`` with ``errno`` ``ENOSPC``/``EDQUOT`` in ``error`` or its causes, if any."""
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and not any(current is s for s in seen):
+        if isinstance(current, OSError) and current.errno in FULL_DISK_ERRNOS:
+            return current
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def disk_full_message(what: str, error: OSError, kept: str, resume: str) -> str:
+    """The one-line message of a write stopped by a full disk or quota.
+
+    ``could not write <what>: the disk is full (<strerror>); <kept>: free some space, then
+    <resume>.``
+    """
+    cause = "the disk quota is exceeded" if error.errno == errno.EDQUOT else "the disk is full"
+    reason = error.strerror or str(error)
+    return f"could not write {what}: {cause} ({reason}); {kept}: free some space, then {resume}."
+
+
+WRITE_KEPT = (
+    "nothing half-written was left, and the files already written (a sweep's finished runs) "
+    "are kept"
+)
+WRITE_RESUME = "rerun the same command to resume"
+CHECKPOINT_KEPT = "the checkpoints already written are kept"
+CHECKPOINT_RESUME = "resume from the last one (mfl fit ... --ckpt_path=last)"
 
 
 def _umask() -> int:
@@ -48,22 +105,37 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``, else delete it.
 
     Whatever the block writes to the yielded path appears at ``path`` all at once, or not at all.
+
+    Raises:
+        DiskFullError: the disk or the quota is full (``ENOSPC``/``EDQUOT`` while creating,
+            writing or renaming the temporary file); the temporary file is removed first.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp: Path | None = None
     try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # keep the error that stopped the write
+                tmp.unlink(missing_ok=True)
+        full = full_disk_error(error) if isinstance(error, Exception) else None
+        if full is not None and not isinstance(error, DiskFullError):
+            message = disk_full_message(str(path), full, WRITE_KEPT, WRITE_RESUME)
+            raise DiskFullError(message, full) from error
         raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    Raises:
+        DiskFullError: no space or quota left (see ``atomic_target``).
+    """
     with atomic_target(path) as tmp:
         tmp.write_text(text)
 
@@ -172,8 +244,22 @@ class VerifiedCheckpointIO(CheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
     ) -> None:
-        """Save through ``base``."""
-        self.base.save_checkpoint(checkpoint, path, storage_options)
+        """Save through ``base``.
+
+        Raises:
+            DiskFullError: the disk or the quota is full (``ENOSPC``/``EDQUOT``), naming the
+                checkpoint and how to resume, instead of a bare ``OSError``.
+        """
+        try:
+            self.base.save_checkpoint(checkpoint, path, storage_options)
+        except Exception as error:
+            full = full_disk_error(error)
+            if full is None or isinstance(error, DiskFullError):
+                raise
+            message = disk_full_message(
+                f"checkpoint {path}", full, CHECKPOINT_KEPT, CHECKPOINT_RESUME
+            )
+            raise DiskFullError(message, full) from error
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None

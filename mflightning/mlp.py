@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -19,6 +20,31 @@ from mflightning.diagnostics import warn_trivial_limits
 from mflightning.laws import InitLaw
 from mflightning.nn import ZERO, MeanFieldLinear, check_positive_int
 from mflightning.stack import MeanFieldStack, check_input_dtype, layer_role, naming_layer
+
+
+def _shape_message(x: object, features: int, name: str) -> str:
+    """Why ``x`` is not a ``(batch, features)`` input of a ``MeanFieldMLP``, and the fix."""
+    if not isinstance(x, Tensor):
+        return (
+            f"`{name}` must be a tensor of shape (batch, {features}), got {type(x).__name__}; "
+            f"convert it with torch.as_tensor({name}, dtype=torch.float32)."
+        )
+    shape = tuple(x.shape)
+    if x.dim() > 2 and math.prod(shape[1:]) == features:
+        fix = f"flatten each example with {name}.flatten(1)"
+    elif x.dim() > 2 and shape[-1] == features:
+        fix = (
+            f"fold the extra dimensions into the batch with {name}.reshape(-1, {features}) "
+            "(and the targets alike)"
+        )
+    elif x.dim() == 1 and shape[0] == features:
+        fix = f"add the batch dimension with {name}.unsqueeze(0)"
+    else:
+        fix = "reshape or select features"
+    return (
+        f"`{name}` must have shape (batch, {features}) for this network (in_features={features}), "
+        f"got {shape}: MeanFieldMLP takes (batch, in_features) inputs; {fix}."
+    )
 
 
 class MeanFieldMLP(MeanFieldStack):
@@ -84,17 +110,15 @@ class MeanFieldMLP(MeanFieldStack):
         warn_trivial_limits(self)
 
     def check_input(self, x: Tensor, name: str = "x") -> None:
-        """Raise ``ValueError`` naming ``name`` unless ``x`` is ``(..., in_features)`` floats.
+        """Raise ``ValueError`` naming ``name`` unless ``x`` is ``(batch, in_features)`` floats.
 
-        The dtype must be the weights' (under autocast, any floating dtype).
+        The dtype must be the weights' (under autocast, any floating dtype). The message of a
+        refused shape says how to fix it: ``flatten(1)`` for images, ``unsqueeze(0)`` for one
+        example, ``reshape(-1, in_features)`` for extra leading dimensions.
         """
         first = cast(MeanFieldLinear, self.layer1)
-        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != first.in_features:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
-                f"`{name}` must have shape (batch, {first.in_features}) for this network "
-                f"(in_features={first.in_features}), got {shape}; reshape or select features."
-            )
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != first.in_features:
+            raise ValueError(_shape_message(x, first.in_features, name))
         check_input_dtype(x, first.weight, name)
 
     def forward(self, x: Tensor) -> Tensor:

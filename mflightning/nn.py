@@ -54,6 +54,51 @@ def check_positive_finite(name: str, value: object, fix: str = "") -> None:
         raise ValueError(f"`{name}` must be a finite positive number, got {value!r}.{hint}")
 
 
+def check_layer_input(input: object, weight: Tensor, size: int, dim: int, what: str) -> None:
+    """Refuse a layer's ``input`` that torch could not multiply by ``weight``, naming the fix.
+
+    Called when the forward already failed (no cost on the fast path): the input is not a
+    tensor, has no axis ``dim`` of ``size`` entries, lives on another device, or has another
+    dtype than the weights (under autocast, a floating one is fine). Returns if none of these.
+
+    Args:
+        input: the layer's input.
+        weight: the layer's weight.
+        size: the size ``input`` needs along ``dim`` (``in_features``, ``in_channels``).
+        dim: the axis that holds the features (-1) or channels.
+        what: ``"in_features"`` or ``"in_channels"``, quoted in the message.
+
+    Raises:
+        ValueError: naming ``input``, what is wrong with it and the fix.
+    """
+    if not isinstance(input, Tensor):
+        raise ValueError(
+            f"`input` must be a tensor, got {type(input).__name__}; convert it with "
+            f"torch.as_tensor(input, dtype={weight.dtype})."
+        )
+    if input.dim() < -dim or input.shape[dim] != size:
+        spatial = -dim - 1
+        where = (
+            "in the last dimension" if dim == -1 else f"before the spatial dimensions ({spatial})"
+        )
+        raise ValueError(
+            f"`input` has shape {tuple(input.shape)}, but this layer takes {what}={size} {where}; "
+            "reshape the input or build the layer for its size."
+        )
+    if input.device != weight.device:
+        raise ValueError(
+            f"`input` is on {input.device} but the layer's weights are on {weight.device}; move "
+            f"it with input.to({str(weight.device)!r})."
+        )
+    if input.dtype != weight.dtype and not (
+        input.is_floating_point() and torch.is_autocast_enabled(input.device.type)
+    ):
+        raise ValueError(
+            f"`input` has dtype {input.dtype} but the layer's weights are {weight.dtype}; "
+            f"convert it with input.to({weight.dtype})."
+        )
+
+
 class MeanFieldLayer(nn.Module):
     """Mixin holding the mean-field attributes shared by the linear and conv layers.
 
@@ -208,15 +253,24 @@ class MeanFieldLinear(MeanFieldLayer, nn.Linear):  # type: ignore[misc]  # torch
 
         The product accumulates inside the GEMM and is scaled once, as ``(1/n) sum`` should be
         (§E.2 item 11); no extra pass over the output is needed for the bias.
+
+        Raises:
+            ValueError: ``input`` is not a tensor, has not ``in_features`` features in its last
+                dimension, or has another device or dtype than the weights (checked only once
+                torch has failed: nothing is added to the fast path).
         """
-        if self.forward_scale == 1.0:  # an input layer with input_scale 1: torch's own linear
-            return F.linear(input, self.weight, self.bias)
-        if input.dim() != 2:  # a GEMM takes matrices: fold the leading dims into rows
-            rows = input.reshape(-1, self.in_features)
-            return self.forward(rows).view(*input.shape[:-1], self.out_features)
-        if self.bias is None:
-            return torch.mm(input, self.weight.t()).mul_(self.forward_scale)
-        return torch.addmm(self.bias, input, self.weight.t(), alpha=self.forward_scale)
+        try:
+            if self.forward_scale == 1.0:  # an input layer with input_scale 1: torch's own linear
+                return F.linear(input, self.weight, self.bias)
+            if input.dim() != 2:  # a GEMM takes matrices: fold the leading dims into rows
+                rows = input.reshape(-1, self.in_features)
+                return self.forward(rows).view(*input.shape[:-1], self.out_features)
+            if self.bias is None:
+                return torch.mm(input, self.weight.t()).mul_(self.forward_scale)
+            return torch.addmm(self.bias, input, self.weight.t(), alpha=self.forward_scale)
+        except (RuntimeError, TypeError, AttributeError):
+            check_layer_input(input, self.weight, self.in_features, -1, "in_features")
+            raise
 
 
 class _MeanFieldConvNd(MeanFieldLayer):
@@ -225,6 +279,7 @@ class _MeanFieldConvNd(MeanFieldLayer):
     _spatial_dims: int
 
     if TYPE_CHECKING:  # provided by the torch conv class that follows in the MRO
+        in_channels: int
 
         def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
 
@@ -234,13 +289,22 @@ class _MeanFieldConvNd(MeanFieldLayer):
         Computed as ``s * conv(input, W, b / s)`` with ``s = forward_scale``: the bias rides in
         the convolution (as in ``nn.Conv2d``) and the sum is scaled once after it accumulates
         (§E.2 item 11), one pass over the output instead of two.
+
+        Raises:
+            ValueError: ``input`` is not a tensor, has not ``in_channels`` channels, or has
+                another device or dtype than the weights (checked only once torch has failed).
         """
         scale = self.forward_scale
-        if scale == 1.0:  # an input layer with input_scale 1: torch's own convolution
-            return self._conv_forward(input, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias / scale
-        # in place: the convolution's backward does not need its output
-        return self._conv_forward(input, self.weight, bias).mul_(scale)
+        try:
+            if scale == 1.0:  # an input layer with input_scale 1: torch's own convolution
+                return self._conv_forward(input, self.weight, self.bias)
+            bias = None if self.bias is None else self.bias / scale
+            # in place: the convolution's backward does not need its output
+            return self._conv_forward(input, self.weight, bias).mul_(scale)
+        except (RuntimeError, TypeError, AttributeError):
+            channels = -(self._spatial_dims + 1)  # (batch,) channels, spatial dims
+            check_layer_input(input, self.weight, self.in_channels, channels, "in_channels")
+            raise
 
 
 def _check_conv_sizes(name: str, value: object, minimum: int) -> None:

@@ -13,7 +13,9 @@ A width enters the fits only with at least ``MIN_SEEDS`` finished (not diverged)
 intervals resample the seeds of each width, and one seed gives a zero-width interval.
 ``fitted_widths`` lists the widths that qualify; with fewer than two of them there is no slope,
 ``slopes``, ``slopes_to_horizon`` and ``validity`` are ``null`` and ``notes`` says why. ``notes``
-holds every such caveat, and ``mfl sweep`` prints it.
+holds every such caveat, and ``mfl sweep`` prints it; a slope whose interval misses -1/2 gets a
+note with its known cause (``missed_slope_reason``: the loss gap's N^-1 bias, §C.2; noisy
+coupled deviations, §C.3, slower under Adam, §F.4; a floor or a horizon, §B.4, §D.4).
 """
 
 from __future__ import annotations
@@ -141,6 +143,12 @@ def _rms(values: list[float]) -> float:
     return float(np.sqrt(np.mean(np.square(values))))
 
 
+def _fittable(per_width: dict[int, list[float]]) -> bool:
+    """Whether every value is positive and finite, as a log-log fit needs."""
+    array = np.asarray([v for values in per_width.values() for v in values], dtype=float)
+    return bool(np.isfinite(array).all() and (array > 0).all())
+
+
 def _slope(per_width: dict[int, list[float]], aggregate: str) -> dict[str, Any]:
     fit = fit_loglog_slope(per_width, aggregate=aggregate)  # type: ignore[arg-type]
     return {
@@ -152,6 +160,93 @@ def _slope(per_width: dict[int, list[float]], aggregate: str) -> dict[str, Any]:
         "intercept": fit.intercept,
         "expected": EXPECTED_SLOPE,
         "contains_expected": fit.contains(EXPECTED_SLOPE),
+    }
+
+
+def slope_line(metric: str, fit: Mapping[str, Any]) -> str:
+    """One line for a fitted slope of ``report["slopes"]``: value, interval, expected inside?"""
+    where = "at the final step" if fit.get("at", "final") == "final" else f"({fit['at']})"
+    inside = "inside" if fit["contains_expected"] else "OUTSIDE"
+    return (
+        f"{metric} slope {where} {fit['slope']:.3f}, {fit['confidence']:.0%} interval "
+        f"[{fit['ci_low']:.3f}, {fit['ci_high']:.3f}]; expected {fit['expected']} is {inside}"
+    )
+
+
+def missed_slope_reason(
+    metric: str, fit: Mapping[str, Any], rule: str | None = None, horizon: int | None = None
+) -> str:
+    """Why a fitted slope can miss its expected value, for ``notes`` (docs/theory.md §C).
+
+    Args:
+        metric: a key of ``report["slopes"]`` (``output_gap``, ``loss_gap``, ``dev/<layer>``...).
+        fit: its entry (``slope``, ``ci_low``, ``ci_high``, ``expected``).
+        rule: the module's optimizer rule (``"sgd"`` or ``"adam"``, §F).
+        horizon: the metric's validity horizon ``step_star`` (``None``: none was found).
+
+    Returns:
+        One line: the slope, its interval, the expected value and the known cause.
+    """
+    return (
+        f"{metric} slope {fit['slope']:.3f} [{fit['ci_low']:.3f}, {fit['ci_high']:.3f}] misses "
+        f"the expected {fit['expected']}: {_cause(metric, fit, rule, horizon)}."
+    )
+
+
+def _cause(metric: str, fit: Mapping[str, Any], rule: str | None, horizon: int | None) -> str:
+    """The known cause of a missed slope (``missed_slope_reason``), by metric and direction."""
+    steeper = fit["ci_high"] < fit["expected"]
+    if horizon is not None and not steeper:
+        return (
+            f"the runs went past this metric's validity horizon (step {horizon}): after it the "
+            "gap stops shrinking like N^-1/2 (docs/theory.md §D.4); slopes_to_horizon has the "
+            "slope before it"
+        )
+    if metric == "loss_gap" and steeper:
+        return (
+            "the loss gap mixes an N^-1 bias (the variance of yhat_N adds O(1/N) to the loss) "
+            "with the N^-1/2 fluctuation, so over moderate widths its slope lies between -1 and "
+            "-1/2 (docs/theory.md §C.2); the output gap is the check of the N^-1/2 rate"
+        )
+    if metric.startswith("dev/") and rule == "adam":
+        return (
+            "coupled deviations under Adam shrink more slowly (about N^-1/4: neurons whose "
+            "gradient sign differs from their ideal particle's, docs/theory.md §F.4) while the "
+            "output gap still shrinks like N^-1/2"
+        )
+    if metric.startswith("dev/"):
+        return (
+            "per-layer coupled deviations fluctuate more across seeds than the output gap "
+            "(tolerance about +-0.2 with >= 10 seeds) and the any-depth theorem proves only an "
+            "exponent below 1/2 (docs/theory.md §C.3); the output gap is the check"
+        )
+    if steeper:
+        return (
+            "a steeper slope comes from few seeds or from an N^-1 bias that dominates the "
+            "N^-1/2 fluctuation at these widths (docs/theory.md §C.1); add seeds or wider "
+            "widths (§C.8)"
+        )
+    return (
+        "a shallower slope means a floor under the gaps: the limit solver's own O(M^-1/2) "
+        "error (use M >= 8 N, docs/theory.md §B.4) or runs past the validity horizon (§D.4); "
+        "few seeds widen the interval (§C.8)"
+    )
+
+
+def _horizon_step(metric: str, horizons: Mapping[str, Any] | None) -> int | None:
+    """The validity horizon ``step_star`` of ``metric`` (``sup_output_gap``: the output gap's)."""
+    entry = (horizons or {}).get(metric.removeprefix("sup_"))
+    return None if entry is None else entry["step_star"]
+
+
+def _missed_slope_reasons(
+    slopes: Mapping[str, Any] | None, horizons: Mapping[str, Any] | None, rule: str | None
+) -> dict[str, str]:
+    """``{metric: missed_slope_reason(...)}`` for every slope whose interval misses -1/2."""
+    return {
+        metric: missed_slope_reason(metric, fit, rule, _horizon_step(metric, horizons))
+        for metric, fit in (slopes or {}).items()
+        if not fit["contains_expected"]
     }
 
 
@@ -199,6 +294,13 @@ def build_report(
         final = {"at": "final", "at_step": meta.get("steps")}
         for metric in _metrics(fitted):
             values = {w: [r.final(f"limit/{metric}") for r in rs] for w, rs in fitted.items()}
+            if not _fittable(values):
+                notes.append(
+                    f"no slope for {metric}: some of its final values are zero or not finite "
+                    "(identical or saturated networks, or inputs that overflow), and a log-log "
+                    "fit needs positive gaps."
+                )
+                continue
             slopes[metric] = _slope(values, aggregate_of(metric)) | final
             if metric == "output_gap":
                 sups = {w: [r.sup("limit/output_gap") for r in rs] for w, rs in fitted.items()}
@@ -206,6 +308,7 @@ def build_report(
         histories = [RunHistory(r.width, r.history) for rs in fitted.values() for r in rs]
         horizons = validity(histories, _metrics(fitted))
         to_horizon = _slopes_to_horizon(fitted, horizons)
+        notes += _missed_slope_reasons(slopes, horizons, meta.get("rule")).values()
     else:
         notes.append(_no_slope_reason(results, grouped))
     return meta | {
@@ -350,7 +453,7 @@ def report_tables(report: dict[str, Any]) -> dict[str, tuple[list[str], list[lis
     ]
     horizon_columns = ["metric", "step_star", "t_star", "final_slope"]
     horizons = [
-        [k, v["step_star"], v["t_star"], report["slopes"][k]["slope"]]
+        [k, v["step_star"], v["t_star"], (report["slopes"] or {}).get(k, {}).get("slope")]
         for k, v in (report["validity"] or {}).items()
     ]
     return {
@@ -361,7 +464,11 @@ def report_tables(report: dict[str, Any]) -> dict[str, tuple[list[str], list[lis
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """What ``mfl sweep`` prints: the limit used, the notes, each horizon, the output-gap slope."""
+    """What ``mfl sweep`` prints: the limit, the notes, each horizon, every slope.
+
+    Every slope of ``report["slopes"]`` gets one line with its interval; one that misses its
+    expected value is followed by the reason (``missed_slope_reason``, also in ``notes``).
+    """
     limit = report["limit"]
     kind = {"reduced": "exact reduced limit", "particles": "particle solver"}.get(
         limit["solver"], limit["solver"]
@@ -375,7 +482,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             "later gaps compare the networks with a finite-M solver, not with the limit; "
             "rerun with --limit reduced (docs/theory.md §D.4)."
         )
-    lines += report["notes"]
+    rule, horizons = report.get("rule"), report["validity"]
+    reasons = _missed_slope_reasons(report["slopes"], horizons, rule)
+    lines += [note for note in report["notes"] if note not in reasons.values()]
     for metric, entry in (report["validity"] or {}).items():
         if entry["step_star"] is None:
             continue
@@ -384,19 +493,15 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"(t* = mf_time {entry['t_star']:g}); after it the gap stops shrinking like N^-1/2 "
             "and measures finite-width effects, not the distance to the limit (§D.4)."
         )
-    fit = (report["slopes"] or {}).get("output_gap")
-    if fit:
-        inside = "inside" if fit["contains_expected"] else "OUTSIDE"
-        lines.append(
-            f"output-gap slope at the final step {fit['slope']:.3f}, {fit['confidence']:.0%} "
-            f"interval [{fit['ci_low']:.3f}, {fit['ci_high']:.3f}]; expected {fit['expected']} "
-            f"is {inside}"
-        )
-        before = report["slopes_to_horizon"].get("output_gap")
-        star = report["validity"]["output_gap"]["step_star"]
+    for metric, fit in (report["slopes"] or {}).items():
+        lines.append(slope_line(metric, fit))
+        if metric in reasons:
+            lines.append(f"  why: {_cause(metric, fit, rule, _horizon_step(metric, horizons))}.")
+        before = (report["slopes_to_horizon"] or {}).get(metric)
+        star = (horizons or {}).get(metric, {}).get("step_star")
         if star is not None and before is not None:
             lines.append(
-                f"output-gap slope before t* (sup over steps < {star}) {before['slope']:.3f}, "
+                f"{metric} slope before t* (sup over steps < {star}) {before['slope']:.3f}, "
                 f"interval [{before['ci_low']:.3f}, {before['ci_high']:.3f}]"
             )
     return lines

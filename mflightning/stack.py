@@ -48,7 +48,7 @@ def check_input_dtype(x: Tensor, weight: Tensor, name: str) -> None:
     ):
         raise ValueError(
             f"`{name}` has dtype {x.dtype} but the network's weights are {weight.dtype}; "
-            f"convert it with .to({weight.dtype})."
+            f"convert it with {name}.to({weight.dtype})."
         )
 
 

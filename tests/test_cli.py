@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mflightning import MeanFieldModule
 from mflightning.cli import main
+from mflightning.data import IsotropicGaussians
 from mflightning.sweep import WidthSweep
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -223,6 +224,74 @@ def test_test_validate_predict_on_a_checkpoint_with_its_mf_time(tmp_path: Path) 
     out = Trainer(logger=False, enable_progress_bar=False).predict(module, loader)
     assert out is not None
     torch.testing.assert_close(out[0], module.network(x), rtol=0, atol=0)
+
+
+def test_predict_saves_the_outputs_under_the_log_dir_and_says_where(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`mfl predict` wrote nothing and printed nothing; now `predictions.pt`, and one line."""
+    small = "--model.network.init_args.widths=[8,8]"
+    main(_fit_args(tmp_path, small))
+    (checkpoint,) = tmp_path.glob("**/checkpoints/*.ckpt")
+    capsys.readouterr()
+    main(["predict", *_fit_args(tmp_path, small)[1:], f"--ckpt_path={checkpoint}"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "predictions" in line]
+    assert len(lines) == 1 and lines[0].startswith("predictions: "), lines
+    (written,) = tmp_path.glob("**/predictions.pt")
+    assert str(written) in lines[0] and "shape (512, 1)" in lines[0]
+    assert written.parent.name.startswith("version_")  # the logger's folder of this command
+    module = MeanFieldModule.load_from_checkpoint(checkpoint).eval()
+    data = yaml.safe_load(Path(DEMO).read_text())["data"]["init_args"]
+    x_val, _ = IsotropicGaussians(**data).val_set.tensors  # the predict split: validation inputs
+    with torch.no_grad():
+        expected = module.network(x_val)
+    torch.testing.assert_close(torch.load(written, weights_only=True), expected)
+
+
+def _write_module(folder: Path, name: str, source: str) -> None:
+    (folder / f"{name}.py").write_text(source)
+
+
+UNIMPORTABLE_DATA = [  # (id, data class_path, what the error line must name)
+    (
+        "class-typo",
+        "mflightning.data.IsotropicGausians",
+        "mean 'mflightning.data.IsotropicGaussians'",
+    ),
+    ("module-typo", "mflightning.dat.IsotropicGaussians", "'mflightning' has no attribute 'dat'"),
+    ("missing-module", "mfl_stand_in_missing.Data", "No module named 'mfl_stand_in_missing'"),
+    ("module-import-error", "mfl_stand_in_broken.Data", "named 'mfl_stand_in_absent_dependency'"),
+]
+
+
+@pytest.mark.parametrize("command", ["fit", "sweep"])
+@pytest.mark.parametrize(
+    ("class_path", "expected"),
+    [c[1:] for c in UNIMPORTABLE_DATA],
+    ids=[c[0] for c in UNIMPORTABLE_DATA],
+)
+def test_an_unimportable_data_class_path_names_the_cause_in_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    class_path: str,
+    expected: str,
+) -> None:
+    """Not jsonargparse's "Does not validate against any of the Union subtypes": the cause."""
+    _write_module(tmp_path, "mfl_stand_in_broken", "import mfl_stand_in_absent_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def edit(recipe: dict[str, Any]) -> None:
+        recipe["data"]["class_path"] = class_path
+
+    flags = ["--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}"]
+    flags += ["--wandb", "disabled", "--out", str(tmp_path / "out")] if command == "sweep" else []
+    assert _exit_code([command, "--config", _recipe(tmp_path, edit), *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data: "), lines
+    assert class_path in lines[0] and expected in lines[0], lines[0]
+    assert "Union subtypes" not in lines[0]
 
 
 def test_a_bad_sweep_from_the_shell_is_one_line_without_traceback(tmp_path: Path) -> None:

@@ -1,14 +1,26 @@
-"""MeanFieldConvNet: forward formula, channel multipliers, and its coupled limit (§E.3 item 18)."""
+"""MeanFieldConvNet: formula, multipliers, coupled limit, tracker and sweeps (§E.3 item 18)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import coupled_output_gaps, loglog_slope
+from conftest import coupled_output_gaps, loglog_slope, single_thread
+from lightning.pytorch import LightningDataModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
 
-from mflightning import MeanFieldConvNet, MeanFieldModule, Normal, ParticleLimitSolver
+from mflightning import (
+    LimitTracker,
+    MeanFieldConvNet,
+    MeanFieldModule,
+    Normal,
+    ParticleLimitSolver,
+)
 from mflightning.config import build
+from mflightning.io import read_json
+from mflightning.sweep import SweepSettings, WidthSweep
 
 LAWS = [Normal(0.0, 1.0), Normal(1.0, 0.5), Normal(0.0, 1.0)]
 
@@ -77,3 +89,66 @@ def test_coupled_output_gap_shrinks_with_the_channel_count() -> None:
     rms = coupled_output_gaps(solver, channels, seeds, (x, y), probe, steps)
     slope = loglog_slope(channels, rms)
     assert -0.8 <= slope <= -0.3, (rms, slope)
+
+
+# --- LimitTracker and width sweeps on a conv net, end to end (issue 21 item 7) -------------------
+
+
+class SmallImages(LightningDataModule):
+    """48 one-channel 6x6 images: the sign of the mean of their central 2x2 pixels.
+
+    32 training images in two minibatches of 16, 16 validation images (the probe).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(48, 1, 6, 6, generator=g)
+        y = torch.sign(x[:, 0, 2:4, 2:4].mean(dim=(-2, -1)))[:, None]
+        self.train_set = TensorDataset(x[:32], y[:32])
+        self.val_set = TensorDataset(x[32:], y[32:])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=16)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=16)
+
+
+def _conv_module(channels: int) -> MeanFieldModule:
+    activations = ["relu", "tanh", "identity"]
+    net = MeanFieldConvNet(1, [channels, channels], out_features=1, activations=activations)
+    return MeanFieldModule(net, lr=0.2, loss="half_mse")
+
+
+def test_tracker_and_sweep_follow_a_conv_net_to_the_same_limit(tmp_path: Path) -> None:
+    """A conv sweep (widths 8 and 16, 2 seeds, M = 128 channels) and a ``LimitTracker``.
+
+    The tracker builds the sweep's solver (same M, seed 0) and couples with the seed-0 index
+    sets, so on the same batches it must log the gaps of the sweep's run N8-seed0
+    (docs/theory.md §B.4, §C.1-§C.3).
+    """
+    steps, settings = 4, SweepSettings(
+        widths=[8, 16], seeds=2, particles=128, every_n_steps=1, probe_size=16,
+        out=str(tmp_path / "sweep"), wandb="disabled",
+    )  # fmt: skip
+    with single_thread():
+        report = WidthSweep(_conv_module(8), SmallImages(), steps, settings, name="conv").run()
+        assert report["fitted_widths"] == [8, 16] and not report["diverged_runs"]
+        layers = {"layer1", "layer2", "layer3"}
+        assert set(report["per_width"]["8"]["dev_median"]) == layers
+        assert {f"dev/{layer}" for layer in layers} < set(report["slopes"])
+        swept = read_json(tmp_path / "sweep" / "runs" / "N8-seed0.json")["result"]["history"]
+
+        probe = SmallImages().val_set.tensors
+        tracker = LimitTracker(particles=128, every_n_steps=1, probe=probe, seed=0)
+        module = _conv_module(8)
+        Trainer(
+            max_steps=steps, callbacks=[tracker], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        ).fit(module, SmallImages())  # fmt: skip
+    final = swept[-1]
+    assert final["step"] == steps
+    for key in ("limit/output_gap", "limit/loss_gap", *(f"limit/dev/{la}" for la in layers)):
+        assert tracker.last_gaps[key] == pytest.approx(final[key], rel=1e-5), key
+    assert tracker.last_gaps["limit/time"] == pytest.approx(module.mf_time)

@@ -825,7 +825,7 @@ def test_an_ideal_coupling_holds_no_copy_of_the_atoms() -> None:
         bias_init=mfl.Normal(0.1, 0.0),
     ).double()
     solver = ReducedLimitSolver(network, 0.1)
-    small, coupling = solver.couple([8, 8, 8], generator=torch.Generator().manual_seed(0))
+    _, coupling = solver.couple([8, 8, 8], generator=torch.Generator().manual_seed(0))
     held = [v for v in vars(coupling).values() if isinstance(v, dict)]
     sizes = [t.numel() for d in held for t in d.values() if isinstance(t, torch.Tensor)]
     sizes += [t.numel() for t in coupling._weights]

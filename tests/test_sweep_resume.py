@@ -300,3 +300,14 @@ def test_a_run_file_is_cross_checked_against_its_name_and_recipe(tmp_path: Path)
     with pytest.raises(ValueError, match=r"fingerprint that is not that of its recipe"):
         _sweep(tmp_path)
     assert os.path.exists(path)  # refused, not deleted
+
+
+def test_zero_gaps_give_no_slope_and_a_note_instead_of_a_crash(tmp_path: Path) -> None:
+    """Saturated networks (tanh of 1e30) are all equal: the fit of zero gaps crashed the report."""
+    network = MeanFieldMLP(10, [8, 8], activations=["relu", "tanh", "identity"])
+    settings = SweepSettings(widths=[8, 16], seeds=2, out=str(tmp_path), wandb="disabled")
+    data = HugeInputs(n_train=32, n_val=16)
+    report = WidthSweep(MeanFieldModule(network, lr=0.1), data, 3, settings).run()
+    skipped = [n.split(":")[0] for n in report["notes"] if n.startswith("no slope for ")]
+    assert skipped, report["notes"]
+    assert not set(m.removeprefix("no slope for ") for m in skipped) & set(report["slopes"] or {})

@@ -23,8 +23,9 @@ The library is compiled by the system's C compiler (``$CC``, else ``cc``) with `
 first of ``VARIANTS`` that compiles into
 ``$MFL_CACHE_DIR`` (default ``~/.cache/mflightning``), under a name that hashes the sources,
 the command and the CPU, and is reused from there. Without a working compiler the torch ops
-are used, with one warning that says why; ``MFL_NATIVE=0`` turns the library off (same results
-up to rounding: the sums over atoms are added in another order).
+are used, with one warning that says why (also when the cache folder cannot be written: read-only,
+full, not accessible); ``MFL_NATIVE=0`` turns the library off (same results up to rounding: the
+sums over atoms are added in another order).
 """
 
 from __future__ import annotations
@@ -234,12 +235,19 @@ def _load() -> Library | None:
         sources + repr((compiler, FLAGS, VARIANTS)).encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"endatoms-{key}.so"
-    if not target.exists():
-        with _compiling(target):  # one process compiles, the others wait for its library
-            failure = None if target.exists() else _compile(compiler, target)
-        if failure is not None:
-            _warn(failure)
-            return None
+    try:
+        if not target.exists():
+            with _compiling(target):  # one process compiles, the others wait for its library
+                failure = None if target.exists() else _compile(compiler, target)
+            if failure is not None:
+                _warn(failure)
+                return None
+    except OSError as error:  # a read-only, full or inaccessible cache folder
+        _warn(
+            f"the cache folder {target.parent} cannot be written ({error.strerror or error}); "
+            "set MFL_CACHE_DIR to a writable folder"
+        )
+        return None
     try:
         handle = ctypes.CDLL(str(target))
     except OSError as error:
