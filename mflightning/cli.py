@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import importlib
 import inspect
 import os
 import re
@@ -425,11 +426,39 @@ def _resume_hint(argv: list[str]) -> str:
     )
 
 
+def _check_class_path_overrides(argv: list[str]) -> None:
+    """Refuse a ``--<key>.class_path=<path>`` override whose class cannot be imported.
+
+    jsonargparse crashes with an ``AttributeError`` traceback when a command-line override
+    replaces a recipe's class by one it cannot import (``--model.network.class_path=...MLPP``).
+
+    Raises:
+        ValueError: one line naming the key, the path and the import's error.
+    """
+    args = iter(argv)
+    for arg in args:
+        flag, has_value, value = arg.partition("=")
+        if not (flag.startswith("--") and flag.endswith(".class_path")):
+            continue
+        path = value if has_value else next(args, "")
+        module_name, _, name = path.rpartition(".")
+        try:
+            getattr(importlib.import_module(module_name), name)
+        except Exception as error:
+            reason = str(error) or type(error).__name__
+            raise ValueError(
+                _unimportable_class_path(
+                    flag.removeprefix("--").removesuffix(".class_path"), path, reason
+                )
+            ) from None
+
+
 def _run(argv: list[str]) -> None:
     """Dispatch ``argv`` (without ``--debug``) to the help, ``sweep`` or LightningCLI."""
     if not argv or argv[0] in ("-h", "--help"):
         print(_main_help())
         return
+    _check_class_path_overrides(argv[1:])
     if argv[0] == "sweep":
         if {"-h", "--help"} & set(argv[1:]):
             print(_sweep_help())

@@ -101,7 +101,7 @@ from mflightning.wandb_logging import (
 REDUCED_BUDGET_S = 60.0  # target time of a reduced limit pass with default M
 MAX_RUNS = 100_000  # widths x seeds a sweep can hold (each run keeps its network in memory)
 MIN_PARTICLES_PER_WIDTH = 8  # M >= 8 N (§B.4): below it the limit's own error shows in slopes
-REDUCED_MEMORY_SHARE = 0.5  # of the available memory the default reduced M may fill
+MEMORY_SHARE = 0.5  # of the available memory a default M may fill (the step needs the rest)
 DEFAULT_BATCH = 256  # batch size assumed by the cost model when the data module has none
 FRESH_START = (
     "start afresh with --sweep.overwrite true (`overwrite=True`: deletes the runs and limit of "
@@ -401,11 +401,7 @@ class WidthSweep:
         if available is None:
             return
         solver = self._solver_bytes(self.particles, points)
-        depth = len(self.network.widths)
-        solver_dtype = getattr(torch, self.settings.solver_dtype)
-        per_run = self._run_dtype().itemsize + len(self.log_steps) * solver_dtype.itemsize
-        per_seed = sum(self._parameters([w] * depth) * per_run for w in self.settings.widths)
-        runs = per_seed * self.settings.seeds
+        runs = self._runs_bytes()
         need = solver + runs
         if need <= available:
             return
@@ -425,6 +421,14 @@ class WidthSweep:
             f"{runs / 2**30:.3g} GiB), more than the {available / 2**30:.3g} GiB this process may "
             f"use on {device.type} (limited by {tightest_limit(device)}); {fix}."
         )
+
+    def _runs_bytes(self) -> float:
+        """Memory of every run's network and its limit snapshots, all held before training."""
+        depth = len(self.network.widths)
+        solver_dtype = getattr(torch, self.settings.solver_dtype)
+        per_run = self._run_dtype().itemsize + len(self.log_steps) * solver_dtype.itemsize
+        per_seed = sum(self._parameters([w] * depth) * per_run for w in self.settings.widths)
+        return per_seed * self.settings.seeds
 
     def _solver_bytes(self, particles: int, points: int | None = None) -> float:
         """Memory of the limit solver with M = ``particles`` (``_check_memory``)."""
@@ -627,6 +631,20 @@ class WidthSweep:
             self._notes.append(note)
         return particles
 
+    def _particles_that_fit(self, particles: int) -> int:
+        """``particles``, lowered to what fits in ``MEMORY_SHARE`` of the memory left by the runs.
+
+        Never to the largest width or below: then ``_check_memory`` refuses the sweep with the
+        value that fits. A lowered M is noted by ``_choose_particles`` (below 8 N).
+        """
+        available = available_memory(self._device())
+        if available is None:
+            return particles
+        fitting = self._largest_fitting_particles(
+            MEMORY_SHARE * available - self._runs_bytes(), None
+        )
+        return fitting if max(self.settings.widths) < fitting < particles else particles
+
     def _stored_particles(self) -> int | None:
         """The M recorded in the folder's ``limit.json``, if the folder has one that is readable."""
         path = self.out / "limit.json"
@@ -645,14 +663,15 @@ class WidthSweep:
         largest number of end atoms whose limit pass, with one network of the largest width
         coupled, takes about ``REDUCED_BUDGET_S`` seconds under the reference cost model of the
         compiled passes (``mflightning.limit.cost.default_atoms`` with ``COMPILED_COST``), at
-        least 16 x the largest width, and at most what fills ``REDUCED_MEMORY_SHARE`` of the
-        memory available. It does not depend on the number of seeds or on whether this machine
-        compiled the passes, so adding seeds or resuming elsewhere keeps it.
+        least 16 x the largest width, and at most what fills ``MEMORY_SHARE`` of the memory
+        available; the particle solver's is lowered the same way (``_particles_that_fit``). It
+        does not depend on the number of seeds or on whether this machine compiled the passes,
+        and a folder keeps it on resume (``_choose_particles``).
         """
         largest = max(self.settings.widths)
         depth = len(self.network.widths) + 1
         if self.limit_kind != "reduced" or depth < MIN_REDUCED_DEPTH:
-            return MIN_PARTICLES_PER_WIDTH * largest
+            return self._particles_that_fit(MIN_PARTICLES_PER_WIDTH * largest)
         batch = getattr(self.datamodule, "batch_size", None) or DEFAULT_BATCH
         features = int(self.network.to_config()["init_args"]["in_features"])
         timed = default_atoms(
@@ -668,7 +687,7 @@ class WidthSweep:
         if available is None:
             return timed
         per_atom = self._solver_bytes(1) - self._solver_bytes(0)
-        fitting = 64 * int(REDUCED_MEMORY_SHARE * available / max(per_atom, 1.0) / 64)
+        fitting = 64 * int(MEMORY_SHARE * available / max(per_atom, 1.0) / 64)
         return max(16 * largest, min(timed, fitting))
 
     def _solver(self) -> LimitSolver:

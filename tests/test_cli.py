@@ -304,3 +304,25 @@ def test_a_bad_sweep_from_the_shell_is_one_line_without_traceback(tmp_path: Path
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [result.stderr.strip().splitlines()[-1]], result.stderr
     assert "`sweep:` section must be a mapping" in errors[0]
+
+
+@pytest.mark.parametrize("command", ["fit", "sweep"])
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        (
+            "--model.network.class_path=mflightning.MeanFieldMLPP",
+            "Did you mean 'mflightning.MeanFieldMLP'?",
+        ),
+        ("--data.class_path=mflightning.nodata.IsotropicGaussians", "No module named"),
+    ],
+)
+def test_a_class_path_override_that_cannot_be_imported_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: str, flag: str, expected: str
+) -> None:
+    """jsonargparse crashed with an AttributeError traceback on such a command-line override."""
+    flags = ["--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}"]
+    flags += ["--wandb", "disabled", "--out", str(tmp_path / "out")] if command == "sweep" else []
+    assert _exit_code([command, "--config", DEMO, flag, *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "`class_path`" in lines[0] and expected in lines[0], lines

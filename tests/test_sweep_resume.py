@@ -311,3 +311,18 @@ def test_zero_gaps_give_no_slope_and_a_note_instead_of_a_crash(tmp_path: Path) -
     skipped = [n.split(":")[0] for n in report["notes"] if n.startswith("no slope for ")]
     assert skipped, report["notes"]
     assert not set(m.removeprefix("no slope for ") for m in skipped) & set(report["slopes"] or {})
+
+
+def test_the_particle_default_is_lowered_to_the_memory_it_may_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    network = MeanFieldMLP(10, [8, 8], activations="relu")  # L = 3: the particle solver
+    settings = SweepSettings(widths=[64, 128], seeds=2, out=str(tmp_path), wandb="disabled")
+    module = MeanFieldModule(network, lr=0.1)
+    data = IsotropicGaussians(n_train=32, n_val=16)
+    assert WidthSweep(module, data, 4, settings).particles == 1024  # 8 x 128
+    budget = 2 * 8 * 2 * (2 * 512 * 512)  # about two M = 512 layers, with gradients, doubled
+    monkeypatch.setattr(sweep_module, "available_memory", lambda device: budget)
+    with pytest.warns(UserWarning, match="below 8 x the largest width 128"):
+        lowered = WidthSweep(module, data, 4, settings).particles
+    assert 128 < lowered < 1024
