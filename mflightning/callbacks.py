@@ -340,6 +340,7 @@ class LimitTracker(Callback):
             assert self.population is not None
             x, y = self.population
         else:
+            self._check_window(trainer)
             xs, ys = zip(*self._pending, strict=True)
             x, y = (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
         self._pending = []
@@ -351,6 +352,25 @@ class LimitTracker(Callback):
             )
         if trainer.global_step % self.every_n_steps == 0:
             self._log_gaps(trainer, pl_module)
+
+    def _check_window(self, trainer: pl.Trainer) -> None:
+        """Refuse an accumulation window the limit's step cannot reproduce (§F.6).
+
+        The limit steps on the union of the window's batches; Lightning divides each batch's
+        loss by ``accumulate_grad_batches``. The two agree for full windows of equal batches.
+
+        Raises:
+            ValueError: a shorter window (an epoch length the count does not divide) or batches
+                of different sizes, naming the count and the fix.
+        """
+        k = trainer.accumulate_grad_batches
+        sizes = sorted({len(x) for x, _ in self._pending})
+        if k > 1 and (len(self._pending) != k or len(sizes) > 1):
+            raise ValueError(
+                f"Trainer(accumulate_grad_batches={k}) stepped on {len(self._pending)} batches of "
+                f"sizes {sizes}: the limit can follow full windows of equal batches only; choose "
+                f"a batch size that divides the training set into a multiple of {k} batches."
+            )
 
     @staticmethod
     def _global_batch(pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, Tensor]:

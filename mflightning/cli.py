@@ -150,6 +150,57 @@ class PredictionFile(BasePredictionWriter):
         self.written = (path, shapes)
 
 
+def _given_init_args(config_files: list[Any], argv: list[str], key: str) -> set[str]:
+    """The init args of ``model.<key>`` that a recipe file or a flag sets explicitly.
+
+    Read from the recipes' ``model.<key>.init_args`` and from ``--model.<key>.init_args.X``,
+    ``--model.<key>.X`` and ``--model.<key>={class_path: ..., init_args: {...}}`` flags.
+    """
+    given: set[str] = set()
+
+    def from_value(value: Any) -> None:
+        if isinstance(value, dict) and isinstance(value.get("init_args"), dict):
+            given.update(value["init_args"])
+
+    for path in config_files:
+        recipe = yaml.safe_load(path.read_text()) if hasattr(path, "read_text") else None
+        model = recipe.get("model") if isinstance(recipe, dict) else None
+        if isinstance(model, dict):
+            from_value(model.get(key))
+    prefix = f"--model.{key}"
+    args = iter(argv)
+    for arg in args:
+        flag, has_value, value = arg.partition("=")
+        if flag == prefix:
+            with contextlib.suppress(yaml.YAMLError):
+                from_value(yaml.safe_load(value if has_value else next(args, "")))
+        elif flag.startswith(prefix + "."):
+            name = flag.removeprefix(prefix + ".").removeprefix("init_args.")
+            if name != "class_path":
+                given.add(name.split(".")[0])
+    return given
+
+
+def _reset_carried_init_args(config: Any, key: str, argv: list[str]) -> None:
+    """Set the init args of ``model.<key>`` that nobody gave to its class's own defaults."""
+    model = config.get("model") if config is not None else None
+    entry = model.get(key) if isinstance(model, Namespace) else None
+    if not isinstance(entry, Namespace) or not isinstance(entry.get("init_args"), Namespace):
+        return
+    module_name, _, name = str(entry.get("class_path", "")).rpartition(".")
+    try:
+        signature = inspect.signature(getattr(importlib.import_module(module_name), name))
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return
+    given = _given_init_args(list(config.get("config") or []), argv, key)
+    for arg, value in list(vars(entry.init_args).items()):
+        parameter = signature.parameters.get(arg)
+        if arg in given or parameter is None or parameter.default is parameter.empty:
+            continue
+        if value != parameter.default:
+            entry.init_args[arg] = parameter.default
+
+
 class MeanFieldCLI(LightningCLI):
     """LightningCLI for mean-field recipes.
 
@@ -164,15 +215,40 @@ class MeanFieldCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse, then refuse a damaged ``ckpt_path`` before anything loads it."""
+        given = sys.argv[1:] if args is None else args if isinstance(args, list) else []
+        self._args_given = [str(arg) for arg in given]
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path:
             verify_checkpoint(ckpt_path)
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, with a trainer setting it refuses turned into one line.
+
+        Raises:
+            ValueError: the ``trainer:`` section cannot build a Trainer (``devices: -1`` on a
+                CPU, an accelerator this machine lacks...), naming Lightning's reason.
+        """
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (TypeError, ValueError, RuntimeError, MisconfigurationException) as error:
+            raise ValueError(
+                f"the recipe's trainer: section cannot build a Trainer: {error} Fix "
+                "trainer.accelerator / trainer.devices / trainer.strategy (e.g. "
+                "--trainer.accelerator=cpu --trainer.devices=1)."
+            ) from None
+
     def before_instantiate_classes(self) -> None:
-        """Refuse a ``sweep:`` section that is not a mapping (flags would silently replace it)."""
+        """Refuse a non-mapping ``sweep:`` section; drop init args carried over from a class.
+
+        jsonargparse keeps the init args a recipe or flag did not set when a ``class_path``
+        changes (the default ``torch.optim.SGD``'s ``lr=0.001, weight_decay=0.0`` into an
+        ``AdamW``, whose own default decay is 0.01): ``_reset_carried_init_args``.
+        """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        for key in ("optimizer", "scheduler"):
+            _reset_carried_init_args(config, key, self._args_given)
         sections = [config.get("sweep")]
         for path in config.get("config") or []:
             recipe = yaml.safe_load(path.read_text()) if hasattr(path, "read_text") else {}

@@ -46,7 +46,19 @@ ADAPTIVE_OPTIMIZERS = (
     torch.optim.Adagrad,
     torch.optim.Adadelta,
 )
-"""Optimizers whose update is invariant to the gradient scale: they need rule ``"adam"``."""
+"""Optimizers that normalize the gradient by its own size: they need rule ``"adam"``."""
+
+WIDTH_DEPENDENT = {
+    torch.optim.Adadelta: (
+        "its step is sqrt(accumulated updates + eps) / sqrt(accumulated gradients + eps), with "
+        "an eps of the gradients' O(1/multiplier) size, so it shrinks like the width^-1/2"
+    ),
+    torch.optim.ASGD: (
+        "its decay lambd * lr uses the lr multiplied by n_in * n_out, so it grows with the width"
+    ),
+    torch.optim.LBFGS: "its line search mixes every weight of every layer in one step",
+}
+"""Optimizers whose update has no width-independent mean-field limit, and why (§F.4)."""
 
 
 class LimitChangingOptimizerWarning(UserWarning):
@@ -85,6 +97,31 @@ def check_optimizer_rule(optimizer: Optimizer) -> None:
         f"lack the n_in*n_out multipliers ({example}); use rule='sgd' (the default) or "
         "mflightning.optim.SGD(net, lr)."
     )
+
+
+def check_optimizer_has_limit(optimizer: Optimizer) -> None:
+    """Refuse an optimizer whose update depends on the width under the mean-field rules (§F.4).
+
+    Raises:
+        ValueError: ``WIDTH_DEPENDENT`` optimizers, and Adagrad with an
+            ``initial_accumulator_value`` (an absolute value next to O(1/multiplier^2)
+            squared gradients), naming the optimizer, why and what to use instead.
+    """
+    name = type(optimizer).__name__
+    why = WIDTH_DEPENDENT.get(type(optimizer))
+    if why is None and isinstance(optimizer, torch.optim.Adagrad):
+        value = optimizer.defaults.get("initial_accumulator_value", 0)
+        if value:
+            why = (
+                f"its initial_accumulator_value={value} is an absolute value next to squared "
+                "gradients of size 1/multiplier^2, so its step depends on the width"
+            )
+    if why is not None:
+        raise ValueError(
+            f"`optimizer` {name} has no mean-field limit: {why} (docs/theory.md §F.4); use SGD "
+            "(with momentum), Adam, AdamW, NAdam, RAdam, Adamax, RMSprop or Adagrad without an "
+            "initial accumulator."
+        )
 
 
 def warn_limit_change(optimizer: Optimizer, stacklevel: int = 3) -> None:
@@ -170,13 +207,36 @@ def schedule_factor(optimizer: Optimizer) -> float:
     return first
 
 
+ABSOLUTE_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
+"""Schedulers that set absolute lrs: the groups' multipliers are lost (§F.3)."""
+
+
 def check_scheduler(scheduler: object) -> None:
-    """Refuse a scheduler whose steps depend on the network's metrics (no limit can follow it).
+    """Refuse a scheduler without a mean-field limit (§F.3).
+
+    ``schedule_factor`` catches absolute lrs on groups with different multipliers at every step;
+    this check also refuses them by type, for networks whose groups all share one multiplier
+    (a two-layer network: n_in * n_out = N for both layers), where no step would tell.
 
     Raises:
-        ValueError: ``ReduceLROnPlateau`` (its factor depends on a monitored metric of one
-            network, not on the step).
+        ValueError: ``OneCycleLR``, ``CyclicLR``, ``CosineAnnealingLR`` or
+            ``CosineAnnealingWarmRestarts`` with ``eta_min`` > 0 (absolute lrs), and
+            ``ReduceLROnPlateau`` (its factor depends on a monitored metric of one network).
     """
+    cosine = (
+        torch.optim.lr_scheduler.CosineAnnealingLR,
+        torch.optim.lr_scheduler.CosineAnnealingWarmRestarts,
+    )
+    absolute = isinstance(scheduler, ABSOLUTE_SCHEDULERS) or (
+        isinstance(scheduler, cosine) and float(getattr(scheduler, "eta_min", 0.0)) != 0.0
+    )
+    if absolute:
+        raise ValueError(
+            f"`scheduler` {type(scheduler).__name__} sets absolute lrs (max_lr, base_lr or "
+            "eta_min), which loses the n_in*n_out multipliers and has no mean-field limit; use "
+            "a multiplicative scheduler (StepLR, MultiStepLR, ExponentialLR, LambdaLR, LinearLR, "
+            "CosineAnnealingLR with eta_min=0, or a SequentialLR of them) (docs/theory.md §F.3)."
+        )
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise ValueError(
             "`scheduler` ReduceLROnPlateau lowers the lr when a monitored metric of one network "
@@ -222,6 +282,7 @@ def build_optimizer(factory: OptimizerCallable, groups: Iterable[Any]) -> Optimi
         )
     optimizer = factory(groups)
     check_optimizer_rule(optimizer)
+    check_optimizer_has_limit(optimizer)
     apply_physical_weight_decay(optimizer)
     return optimizer
 
@@ -305,7 +366,11 @@ def describe_update(factory: OptimizerCallable, scheduler: SchedulerCallable | N
     )
     text = f"{type(probe).__name__}({changed})"
     if scheduler is not None:
-        text += f" + {type(scheduler(probe)).__name__}"
+        try:
+            name = type(scheduler(probe)).__name__
+        except (TypeError, ValueError):  # e.g. one lr_lambda per group: not for one group
+            name = getattr(getattr(scheduler, "func", scheduler), "__name__", repr(scheduler))
+        text += f" + {name}"
     return text
 
 

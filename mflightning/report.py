@@ -345,14 +345,19 @@ def _limit_section(limit: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[st
 def curves_rows(results: Results, limit_loss: list[float], times: list[float]) -> list[list[Any]]:
     """``curves.csv`` rows: per run and logged step, the gaps; per step, the training losses.
 
-    ``times[k]`` is ``mf_time`` after k steps (the scheduled steps' sum, §F.3).
+    ``times[k]`` is ``mf_time`` after k steps (the scheduled steps' sum, §F.3). The training loss
+    of step k is the loss before that step; the gaps logged after the last step (the final ones,
+    which the report fits) get a row without a training loss.
     """
     logged = dict.fromkeys(key for r in results.values() for row in r.history for key in row)
     gap_keys = [k for k in logged if k.startswith("limit/") and k != "limit/time"]
     rows: list[list[Any]] = [["run", "width", "seed", "step", "mf_time", "train_loss", *gap_keys]]
     for (width, seed), result in sorted(results.items()):
         gaps = {int(row["step"]): row for row in result.history}
-        for step, loss in enumerate(result.train_loss):
+        losses: list[float | str] = list(result.train_loss)
+        last = max(gaps, default=-1)
+        losses += [""] * max(0, min(last, len(times) - 1) + 1 - len(losses))
+        for step, loss in enumerate(losses):
             row = gaps.get(step, {})
             rows.append(
                 [

@@ -31,7 +31,7 @@ import secrets
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule, Trainer, seed_everything
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from mflightning.batched import SeedBatch
@@ -57,6 +58,7 @@ from mflightning.limit.choice import (
     LimitSolver,
     build_solver,
     exact_beside,
+    has_degenerate_exact_limit,
     resolve_limit,
     solver_widths,
 )
@@ -119,6 +121,20 @@ def limit_times(limit: Mapping[str, Any], steps: int) -> list[float]:
     if "times" in limit:
         return [float(t) for t in limit["times"]]
     return [k * float(limit["time_step"]) for k in range(steps + 1)]
+
+
+class _Replay(IterableDataset[tuple[Tensor, Tensor]]):
+    """The first ``total`` batches of ``batches()`` as a dataset (``WidthSweep._replay_loader``)."""
+
+    def __init__(self, batches: Callable[[], Iterator[tuple[Tensor, Tensor]]], total: int) -> None:
+        self.batches = batches
+        self.total = total
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return itertools.islice(self.batches(), self.total)
+
+    def __len__(self) -> int:
+        return self.total
 
 
 @dataclass
@@ -327,6 +343,13 @@ class WidthSweep:
         self.every = settings.every_n_steps or max(1, steps // 20)
         self.log_steps = sorted({*range(0, steps + 1, self.every), steps})
         self._notes: list[str] = []  # what the report must say about this sweep's settings
+        if self.limit_kind == "particles" and settings.limit == "auto":
+            if has_degenerate_exact_limit(self.network):
+                self._notes.append(
+                    "limit 'auto' took the particle solver: the reduced solver does not follow "
+                    "this optimizer (weight decay, docs/theory.md §F.5), and a finite-M particle "
+                    "solver of a deep iid network can leave the exact limit (§D.4)."
+                )
         self.particles = self._choose_particles()
         self._source = plain(recipe) if recipe is not None else self._described_recipe()
         self._check_memory()
@@ -716,9 +739,12 @@ class WidthSweep:
         """
         hasher = hashlib.sha256()
         first: Tensor | None = None
-        for index, (x, y) in enumerate(self.datamodule.train_dataloader()):
+        loader = self.datamodule.train_dataloader()
+        sizes: set[int] = set()
+        for index, (x, y) in enumerate(loader):
             if index == self.steps * self._accumulation():
                 break
+            sizes.add(len(x))
             for name, tensor in (("inputs", x), ("targets", y)):
                 if bad := _non_finite(tensor):
                     raise ValueError(
@@ -731,12 +757,41 @@ class WidthSweep:
             first = x if first is None else first
         if first is None:
             raise ValueError("the data module's train_dataloader() yielded no batch to train on.")
+        self._check_accumulation(loader, sizes)
         if not torch.equal(first, next(iter(self.datamodule.train_dataloader()))[0]):
             raise ValueError(
                 "the data module's train_dataloader() gives a different first batch at each call; "
                 "seed its shuffling so every run and the limit see the same data order."
             )
         return hasher.hexdigest(), len(first)
+
+    def _check_accumulation(self, loader: Any, sizes: set[int]) -> None:
+        """Refuse accumulation windows that Lightning would weight unlike the limit's step.
+
+        With ``accumulate_grad_batches = k`` Lightning steps on k batches (and on a shorter
+        window at the end of an epoch whose length k does not divide), each loss divided by k;
+        the limit steps on their union. The two agree only for full windows of equal batches.
+
+        Raises:
+            ValueError: an epoch length that k does not divide, or batches of different sizes.
+        """
+        k = self._accumulation()
+        if k == 1:
+            return
+        epoch = len(loader) if hasattr(loader, "__len__") else None
+        if epoch is not None and epoch % k:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={k} does not divide the {epoch} batches of an "
+                "epoch: Lightning would step on a shorter window at each epoch's end, unlike the "
+                f"limit; choose a batch size giving a multiple of {k} batches per epoch."
+            )
+        if len(sizes) > 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={k} with batches of sizes {sorted(sizes)}: "
+                "Lightning averages the batches' mean losses, which is the mean loss of their "
+                "union only for equal batches; use a batch size that divides the training set "
+                "(or drop_last=True)."
+            )
 
     def _probe(self) -> tuple[Tensor, Tensor]:
         """The first ``probe_size`` validation examples (all of them if fewer), checked finite.
@@ -769,8 +824,7 @@ class WidthSweep:
         batches that Lightning accumulates (the mean of equal batches' mean losses is the mean
         loss of their union).
         """
-        loader = self.datamodule.train_dataloader()
-        batches = itertools.chain.from_iterable(loader for _ in itertools.count())
+        batches = self._loader_batches()
         k = self._accumulation()
         if k == 1:
             return batches
@@ -778,6 +832,21 @@ class WidthSweep:
             (torch.cat([x for x, _ in group]), torch.cat([y for _, y in group]))
             for group in iter(lambda: list(itertools.islice(batches, k)), [])
         )
+
+    def _loader_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The loader's batches, one pass per epoch, as the limit pass and every run read them."""
+        loader = self.datamodule.train_dataloader()
+        return itertools.chain.from_iterable(loader for _ in itertools.count())
+
+    def _replay_loader(self) -> DataLoader[Any]:
+        """A loader that gives a Lightning run exactly the limit pass's batch sequence.
+
+        Lightning re-iterates a loader in its own way (and a data module that shuffles with a
+        generator of its own may then give it another order from the second epoch on), so the
+        runs it trains read the sweep's sequence instead: ``steps`` optimizer steps of batches.
+        """
+        total = self.steps * self._accumulation()
+        return DataLoader(_Replay(self._loader_batches, total), batch_size=None)
 
     def _accumulation(self) -> int:
         """Loader batches per optimizer step (the trainer's ``accumulate_grad_batches``)."""
@@ -913,7 +982,7 @@ class WidthSweep:
         )
         diverged = False
         try:
-            trainer.fit(module, self.datamodule)
+            trainer.fit(module, train_dataloaders=self._replay_loader())
         except DivergenceError as error:
             warnings.warn(f"run {name} is recorded as diverged: {error}", stacklevel=2)
             diverged = True

@@ -28,6 +28,7 @@ from lightning import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 import mflightning as mfl
+import mflightning.sweep
 from mflightning.cli import main, sweep
 from mflightning.io import read_json
 from mflightning.limit import ParticleLimitSolver, ReducedLimitSolver
@@ -457,28 +458,44 @@ def test_weight_decay_does_not_blow_up_with_the_width() -> None:
         assert torch.isfinite(change) and change < 1.0
 
 
-@pytest.mark.parametrize(
-    ("scheduler", "message"),
-    [
-        (
-            functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=10),
-            "different factors",
-        ),
-        (
-            functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=4, eta_min=0.01),
-            "different factors",
-        ),
-        (torch.optim.lr_scheduler.ReduceLROnPlateau, "ReduceLROnPlateau"),
-    ],
-)
-def test_schedulers_without_a_limit_are_refused(scheduler: object, message: str) -> None:
+ABSOLUTE = "absolute lrs"
+REFUSED_SCHEDULERS = [
+    (functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=10), ABSOLUTE),
+    (functools.partial(torch.optim.lr_scheduler.CyclicLR, base_lr=0.01, max_lr=0.1), ABSOLUTE),
+    (
+        functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=4, eta_min=0.01),
+        ABSOLUTE,
+    ),
+    (torch.optim.lr_scheduler.ReduceLROnPlateau, "ReduceLROnPlateau"),
+]
+
+
+@pytest.mark.parametrize("widths", [[16, 32], [16]])  # [16]: both groups have multiplier N
+@pytest.mark.parametrize(("scheduler", "message"), REFUSED_SCHEDULERS)
+def test_schedulers_without_a_limit_are_refused(
+    scheduler: object, message: str, widths: list[int]
+) -> None:
+    """On a 2-layer net absolute lrs share one factor per step, and it depends on the width."""
     x, y = _data()
     network = mfl.MeanFieldMLP(
-        in_features=D, widths=[16, 32], generator=torch.Generator().manual_seed(0)
-    ).double()  # groups with different multipliers
+        in_features=D, widths=widths, generator=torch.Generator().manual_seed(0)
+    ).double()
     with pytest.raises(ValueError, match=message):
         solver = ParticleLimitSolver(network, LR, scheduler=scheduler)
         solver.run((x, y), 5, progress=False)
+
+
+def test_per_group_lambdas_are_refused_at_the_first_step() -> None:
+    x, y = _data()
+    network = mfl.MeanFieldMLP(
+        in_features=D, widths=[16, 32], generator=torch.Generator().manual_seed(0)
+    ).double()  # three groups, three factors
+    lambdas = [lambda k: 1.0, lambda k: 0.5**k, lambda k: 1.0]
+    scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambdas)
+    solver = ParticleLimitSolver(network, LR, scheduler=scheduler)
+    solver.step(x, y)
+    with pytest.raises(ValueError, match="different factors"):
+        solver.step(x, y)
 
 
 def test_clock_sums_the_scheduled_steps_and_is_exact_without_a_schedule() -> None:
@@ -763,7 +780,7 @@ def test_sweep_honours_gradient_accumulation_and_records_it(tmp_path: Path) -> N
                 "--model.scheduler.init_args.max_lr=1.0",
                 "--model.scheduler.init_args.total_steps=8",
             ],
-            "different factors",
+            "absolute lrs",
         ),
     ],
 )
@@ -830,3 +847,145 @@ def test_an_ideal_coupling_holds_no_copy_of_the_atoms() -> None:
     sizes = [t.numel() for d in held for t in d.values() if isinstance(t, torch.Tensor)]
     sizes += [t.numel() for t in coupling._weights]
     assert max(sizes) < 4096, sizes
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "rule", "named"),
+    [
+        (torch.optim.Adadelta, "adam", "Adadelta"),
+        (torch.optim.ASGD, "sgd", "ASGD"),
+        (functools.partial(torch.optim.Adagrad, initial_accumulator_value=0.1), "adam", "Adagrad"),
+    ],
+)
+def test_optimizers_whose_step_depends_on_the_width_are_refused(
+    optimizer: object, rule: str, named: str
+) -> None:
+    """Adadelta's step shrank like N^-1/2, Adagrad's with an accumulator like N^-1 (measured)."""
+    with pytest.raises(ValueError, match=rf"{named} has no mean-field limit"):
+        _gaussians_module(optimizer=optimizer, rule=rule)
+    with pytest.raises(ValueError, match=rf"{named} has no mean-field limit"):
+        ParticleLimitSolver(_linear_net(16, 0), LR, optimizer=optimizer, rule=rule)
+
+
+class _OwnShuffle(mfl.data.IsotropicGaussians):
+    """Shuffles with a generator of its own, seeded in train_dataloader() (a common pattern)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=16,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_lightning_runs_read_the_limit_pass_batch_sequence(tmp_path: Path) -> None:
+    """With its own seeded generator Lightning saw another order from the second epoch on."""
+    network = mfl.MeanFieldMLP(10, [8, 8], activations=["relu", "tanh", "identity"])
+    reports = []
+    for engine in (True, False):
+        settings = mfl.sweep.SweepSettings(
+            widths=[8, 16],
+            seeds=2,
+            particles=128,
+            every_n_steps=4,
+            batch_seeds=engine,
+            out=str(tmp_path / str(engine)),
+            wandb="disabled",
+        )
+        data = _OwnShuffle(n_train=48, n_val=32)
+        module = mfl.MeanFieldModule(network, lr=0.2, loss="half_mse")
+        reports.append(mfl.sweep.WidthSweep(module, data, 12, settings).run())  # 4 epochs
+    for width in ("8", "16"):
+        np.testing.assert_allclose(
+            reports[0]["per_width"][width]["output_gap_per_seed"],
+            reports[1]["per_width"][width]["output_gap_per_seed"],
+            rtol=1e-4,
+        )
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_accumulation_windows_the_limit_cannot_follow_are_refused(tmp_path: Path) -> None:
+    """5 batches per epoch with accumulate 2: Lightning steps on one batch at each epoch's end."""
+    data = mfl.data.IsotropicGaussians(n_train=80, n_val=32, batch_size=16)
+    tracker = mfl.LimitTracker(particles=64, every_n_steps=2, probe=data.val_set.tensors)
+    trainer = _trainer(
+        tmp_path, 6, enable_checkpointing=False, callbacks=[tracker], accumulate_grad_batches=2
+    )
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2\) stepped on 1 batches"):
+        trainer.fit(_gaussians_module(), data)
+    settings = mfl.sweep.SweepSettings(widths=[8, 16], seeds=2, particles=128, wandb="disabled")
+    settings.out = str(tmp_path / "sweep")
+    sweep_run = mfl.sweep.WidthSweep(
+        _gaussians_module(), data, 6, settings, {"accumulate_grad_batches": 2}
+    )
+    with pytest.raises(ValueError, match=r"does not divide the 5 batches of an epoch"):
+        sweep_run.run()
+    assert not list((tmp_path / "sweep" / "runs").glob("*.json"))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_recipe_adamw_keeps_its_own_default_decay_and_rmsprop_its_lr(tmp_path: Path) -> None:
+    """jsonargparse carried SGD's weight_decay=0.0 and lr=0.001 into the recipe's class."""
+    recipe = tmp_path / "adamw.yaml"
+    text = (Path(__file__).resolve().parents[1] / "recipes" / "adam.yaml").read_text()
+    recipe.write_text(text.replace("      weight_decay: 0.01", "      betas: [0.8, 0.99]"))
+    report = sweep(["--config", str(recipe), *TINY, "--out", str(tmp_path / "a")])
+    init_args = report["recipe"]["model"]["optimizer"]["init_args"]
+    assert init_args["weight_decay"] == 0.01 and report["update"].startswith("AdamW(betas=")
+    rms = sweep(
+        [
+            "--config",
+            DEMO,
+            *TINY,
+            "--model.optimizer=torch.optim.RMSprop",
+            "--model.rule=adam",
+            "--model.lr=0.01",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert rms["update"] == "RMSprop()"
+
+
+def test_trainer_settings_lightning_refuses_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["sweep", "--config", DEMO, *TINY, "--trainer.devices=-1", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainer" in err[0] and "devices" in err[0], err
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_curves_hold_the_final_gaps_the_report_fits(tmp_path: Path) -> None:
+    report = sweep(["--config", DEMO, *TINY, "--out", str(tmp_path)])
+    with open(tmp_path / "curves.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["run"] == "N16-seed0"]
+    last = rows[-1]
+    assert int(last["step"]) == 8 and last["train_loss"] == ""
+    assert float(last["mf_time"]) == pytest.approx(report["horizon"])
+    assert float(last["limit/output_gap"]) == pytest.approx(
+        report["per_width"]["16"]["output_gap_per_seed"][0]
+    )
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_auto_taking_the_particles_for_weight_decay_is_noted_in_the_report(
+    tmp_path: Path,
+) -> None:
+    deep = str(Path(__file__).resolve().parents[1] / "recipes" / "deep_iid_horizon.yaml")
+    report = sweep(
+        [
+            "--config",
+            deep,
+            *TINY,
+            "--model.optimizer.init_args.weight_decay=0.01",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert report["limit_solver"] == "particles"
+    assert any("limit 'auto' took the particle solver" in note for note in report["notes"])

@@ -67,7 +67,7 @@ def test_sweep_writes_report_curves_and_figures(tiny_sweep: tuple[Path, dict]) -
     assert runs == {"N16-seed0", "N16-seed1", "N32-seed0", "N32-seed1", "limit"}
     assert len([r for r in rows if r["run"] == "limit"]) == 6
     logged = [r for r in rows if r["run"] == "N16-seed0" and r["limit/output_gap"]]
-    assert [int(r["step"]) for r in logged] == [0, 3]  # step 6 has no training loss row
+    assert [int(r["step"]) for r in logged] == [0, 3, 6]  # the final gaps: a row of their own
     for name in ("loss_curves", "output_gap", "deviation"):
         path = out / f"{name}.png"
         assert path.stat().st_size > 10_000
