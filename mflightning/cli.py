@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import importlib
 import inspect
 import os
@@ -50,6 +51,7 @@ from torch import Tensor
 
 from mflightning.guards import DivergenceError
 from mflightning.io import atomic_target, verify_checkpoint
+from mflightning.limit.memory import tightest_limit
 from mflightning.module import MeanFieldModule
 from mflightning.report import summary_lines
 from mflightning.sweep import SweepSettings, WidthSweep
@@ -503,10 +505,11 @@ def _resume_hint(argv: list[str]) -> str:
 
 
 def _check_class_path_overrides(argv: list[str]) -> None:
-    """Refuse a ``--<key>.class_path=<path>`` override whose class cannot be imported.
+    """Refuse a command-line ``class_path`` override whose class cannot be imported.
 
-    jsonargparse crashes with an ``AttributeError`` traceback when a command-line override
-    replaces a recipe's class by one it cannot import (``--model.network.class_path=...MLPP``).
+    Both forms: ``--<key>.class_path=<path>`` and ``--<key>={class_path: <path>, ...}``.
+    jsonargparse crashes with an ``AttributeError`` traceback when such an override replaces a
+    recipe's class by one it cannot import (``--model.network.class_path=...MLPP``).
 
     Raises:
         ValueError: one line naming the key, the path and the import's error.
@@ -514,19 +517,71 @@ def _check_class_path_overrides(argv: list[str]) -> None:
     args = iter(argv)
     for arg in args:
         flag, has_value, value = arg.partition("=")
-        if not (flag.startswith("--") and flag.endswith(".class_path")):
+        if not flag.startswith("--"):
             continue
-        path = value if has_value else next(args, "")
+        key = flag.removeprefix("--")
+        path: object
+        if key.endswith(".class_path"):
+            key, path = key.removesuffix(".class_path"), value if has_value else next(args, "")
+        elif has_value and value.lstrip().startswith("{"):
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                continue
+            path = parsed.get("class_path") if isinstance(parsed, dict) else None
+            if not isinstance(path, str):
+                continue
+        else:
+            continue
         module_name, _, name = path.rpartition(".")
         try:
             getattr(importlib.import_module(module_name), name)
-        except Exception as error:
+        except Exception as error:  # any import error is the user's to see
             reason = str(error) or type(error).__name__
-            raise ValueError(
-                _unimportable_class_path(
-                    flag.removeprefix("--").removesuffix(".class_path"), path, reason
-                )
-            ) from None
+            raise ValueError(_unimportable_class_path(key, path, reason)) from None
+
+
+OUT_OF_MEMORY = (
+    "can't allocate memory",
+    "cannot allocate memory",
+    "out of memory",
+    "failed to map segment",
+    "defaultcpuallocator",
+)
+
+
+def _resource_error(error: BaseException, argv: list[str]) -> str | None:
+    """One line for a full disk or for memory that ran out, from anywhere; ``None`` otherwise.
+
+    The sweep's checks refuse what they can count before training (``WidthSweep``); this is the
+    net under them, for what they cannot (allocator overheads, a library's own files).
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    resume = (
+        "rerun the same command to resume: finished runs are kept"
+        if argv and argv[0] == "sweep"
+        else "resume from the last checkpoint with --ckpt_path=last"
+    )
+    for item in chain:
+        if isinstance(item, OSError) and item.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" while writing {item.filename}" if item.filename else ""
+            return f"the disk is full ({item.strerror}){where}: free some space, then {resume}."
+    for item in chain:
+        text = str(item).lower()
+        if isinstance(item, MemoryError) or any(sign in text for sign in OUT_OF_MEMORY):
+            limit = tightest_limit(torch.device("cpu"))
+            lines = str(item).strip().splitlines()
+            cause = lines[0][:160] if lines else type(item).__name__
+            return (
+                f"the process ran out of memory (limited by {limit}): {cause}; use a smaller "
+                "--particles, fewer --seeds or narrower --widths (or raise the limit), then "
+                f"{resume}."
+            )
+    return None
 
 
 def _run(argv: list[str]) -> None:
@@ -577,6 +632,12 @@ def main(args: list[str] | None = None) -> None:
         if debug:
             raise
         print(f"error: {_one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (MemoryError, RuntimeError, ImportError, OSError) as error:
+        line = _resource_error(error, argv)
+        if debug or line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         if main_thread:

@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -104,6 +104,10 @@ REDUCED_BUDGET_S = 60.0  # target time of a reduced limit pass with default M
 MAX_RUNS = 100_000  # widths x seeds a sweep can hold (each run keeps its network in memory)
 MIN_PARTICLES_PER_WIDTH = 8  # M >= 8 N (§B.4): below it the limit's own error shows in slopes
 MEMORY_SHARE = 0.5  # of the available memory a default M may fill (the step needs the rest)
+SUGGESTION_SHARE = 0.8  # of the memory left by the runs that a suggested --particles may fill
+# per run beyond its numbers: the module objects, tensors' headers, the coupling and its
+# snapshots' dictionaries (100 000 tiny runs held 13 GB: about 130 kB each)
+RUN_OVERHEAD_BYTES = 160_000
 DEFAULT_BATCH = 256  # batch size assumed by the cost model when the data module has none
 FRESH_START = (
     "start afresh with --sweep.overwrite true (`overwrite=True`: deletes the runs and limit of "
@@ -343,6 +347,8 @@ class WidthSweep:
         self.every = settings.every_n_steps or max(1, steps // 20)
         self.log_steps = sorted({*range(0, steps + 1, self.every), steps})
         self._notes: list[str] = []  # what the report must say about this sweep's settings
+        # files reused under allow_version_change: {fingerprint: (their versions, file names)}
+        self._older_versions: dict[str, tuple[Any, list[str]]] = {}
         if self.limit_kind == "particles" and settings.limit == "auto":
             if has_degenerate_exact_limit(self.network):
                 self._notes.append(
@@ -428,7 +434,7 @@ class WidthSweep:
         need = solver + runs
         if need <= available:
             return
-        fitting = self._largest_fitting_particles(available - runs, points)
+        fitting = self._largest_fitting_particles(SUGGESTION_SHARE * (available - runs), points)
         largest = max(self.settings.widths)
         fix = (
             f"pass --particles {fitting} (the largest M that fits), lower --widths (largest now "
@@ -450,7 +456,10 @@ class WidthSweep:
         depth = len(self.network.widths)
         solver_dtype = getattr(torch, self.settings.solver_dtype)
         per_run = self._run_dtype().itemsize + len(self.log_steps) * solver_dtype.itemsize
-        per_seed = sum(self._parameters([w] * depth) * per_run for w in self.settings.widths)
+        per_seed = sum(
+            self._parameters([w] * depth) * per_run + RUN_OVERHEAD_BYTES
+            for w in self.settings.widths
+        )
         return per_seed * self.settings.seeds
 
     def _solver_bytes(self, particles: int, points: int | None = None) -> float:
@@ -525,7 +534,19 @@ class WidthSweep:
         changed: dict[str, None] = {}
         files = []
         for path in self._stored():
-            data = read_json(path)
+            try:
+                data = read_json(path)
+            except (ValueError, OSError) as error:  # damaged, or not a readable file
+                if self.settings.overwrite and path.is_file():  # replaced, as the hint says
+                    files.append(path)
+                    changed[f"({path.name} is damaged)"] = None
+                    continue
+                if isinstance(error, ValueError):  # names the file and the two ways out
+                    raise
+                raise ValueError(
+                    f"{path} cannot be read ({error.strerror}): it is not a run file; remove it "
+                    "(the run is then retrained)."
+                ) from None
             stored = data.get("recipe") if isinstance(data, dict) else None
             if stored is None:
                 files.append(path)
@@ -537,6 +558,10 @@ class WidthSweep:
             elif self._comparable(stored) != self._comparable(recipe):
                 files.append(path)
                 changed |= dict.fromkeys(differences(stored, recipe))
+            elif stored.get("versions") != recipe.get("versions"):
+                older = fingerprint(stored.get("versions"))
+                self._older_versions.setdefault(older, (stored.get("versions"), []))
+                self._older_versions[older][1].append(path.name)
         return files, list(changed)
 
     def _run_file_mismatch(self, path: Path, data: dict[str, Any]) -> str | None:
@@ -564,7 +589,8 @@ class WidthSweep:
         ids = []
         for path in files:
             if path.parent.name == "runs":
-                ids.append(str(read_json(path).get("wandb_id")))
+                with suppress(ValueError, OSError):  # a damaged file has no id
+                    ids.append(str(read_json(path).get("wandb_id")))
             path.unlink(missing_ok=True)
         outputs = ["report.json", "curves.csv", *(f"{name}.png" for name in FIGURES)]
         for path in (self.out / name for name in outputs):
@@ -580,6 +606,13 @@ class WidthSweep:
         Under ``overwrite`` those files are deleted instead (``_clear``).
         """
         files, changed = self._foreign(recipe)
+        for older, reused in self._older_versions.values():
+            shown = ", ".join(reused[:3]) + (" ..." if len(reused) > 3 else "")
+            self._notes.append(
+                f"{len(reused)} files ({shown}) were written by other versions, "
+                f"{older or 'unrecorded'}, and reused under --sweep.allow_version_change (this "
+                f"sweep: {recipe.get('versions')})."
+            )
         if not files:
             return
         if self.settings.overwrite:
@@ -642,13 +675,15 @@ class WidthSweep:
                     f"or start afresh with --particles {MIN_PARTICLES_PER_WIDTH * largest} "
                     "--sweep.overwrite true."
                 )
+        kept = particles is not None and self.settings.particles is None
         particles = particles or self._default_particles()
         if particles < MIN_PARTICLES_PER_WIDTH * largest:
+            afresh = " --sweep.overwrite true (a new limit: every run is retrained)" if kept else ""
             note = (
                 f"M = {particles} is below {MIN_PARTICLES_PER_WIDTH} x the largest width "
                 f"{largest}: the limit's own O(M^-1/2) error is a visible part of the widest runs' "
                 f"gaps and flattens the slopes (§B.4); use --particles "
-                f"{MIN_PARTICLES_PER_WIDTH * largest} or more."
+                f"{MIN_PARTICLES_PER_WIDTH * largest} or more{afresh}."
             )
             warnings.warn(note, stacklevel=3)
             self._notes.append(note)

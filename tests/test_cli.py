@@ -326,3 +326,13 @@ def test_a_class_path_override_that_cannot_be_imported_is_one_line(
     assert _exit_code([command, "--config", DEMO, flag, *flags]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "`class_path`" in lines[0] and expected in lines[0], lines
+
+
+def test_a_json_class_path_override_that_cannot_be_imported_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    flag = '--model.network={"class_path": "mflightning.MeanFieldMLPP"}'
+    args = ["sweep", "--config", DEMO, flag, "--wandb", "disabled", "--out", str(tmp_path)]
+    assert _exit_code(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "Did you mean 'mflightning.MeanFieldMLP'?" in lines[0], lines

@@ -345,6 +345,7 @@ def test_the_memory_count_matches_the_built_networks(
     wide = network.with_widths([64, 64])
     runs = sum(
         sum(p.numel() for p in network.with_widths([w, w]).parameters()) * (4 + 3 * 8)
+        + sweep_module.RUN_OVERHEAD_BYTES  # objects and headers beyond the numbers
         for w in (8, 8, 16, 16)
     )
     need = solver_step_bytes(wide, points, torch.float64) + runs

@@ -49,17 +49,28 @@ def _one_line_exit(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int,
 # --- 1. memory: every limit the process is under --------------------------------------------
 
 
-def test_cgroup_limits_are_read_v2_and_v1(tmp_path: Path) -> None:
-    (tmp_path / "memory.max").write_text("1073741824\n")
-    (tmp_path / "memory.current").write_text("73741824\n")
-    assert _cgroup_available(tmp_path) == 1_000_000_000
-    (tmp_path / "memory.max").write_text("max\n")
-    assert _cgroup_available(tmp_path) is None
-    v1 = tmp_path / "memory"
-    v1.mkdir()
-    (v1 / "memory.limit_in_bytes").write_text("2000000000\n")
+def test_cgroup_limits_are_read_v2_and_v1_on_the_process_own_path(tmp_path: Path) -> None:
+    """A SLURM job's limit sits on the process's own cgroup, not on the hierarchy's root."""
+    membership = tmp_path / "proc-self-cgroup"
+    membership.write_text("4:memory:/job_7/step_0\n0::/job_7/step_0\n")
+    root = tmp_path / "cgroup"
+    own = root / "job_7" / "step_0"
+    own.mkdir(parents=True)
+    (root / "memory.max").write_text("max\n")  # the root sets no limit
+    (own / "memory.max").write_text("1073741824\n")
+    (own / "memory.current").write_text("73741824\n")
+    assert _cgroup_available(root, membership) == 1_000_000_000
+    (own / "memory.max").write_text("max\n")
+    (root / "job_7" / "memory.max").write_text("2000000000\n")  # a parent's limit counts
+    (root / "job_7" / "memory.current").write_text("0\n")
+    assert _cgroup_available(root, membership) == 2_000_000_000
+    (root / "job_7" / "memory.max").write_text("max\n")
+    assert _cgroup_available(root, membership) is None
+    v1 = root / "memory" / "job_7" / "step_0"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("1500000000\n")
     (v1 / "memory.usage_in_bytes").write_text("500000000\n")
-    assert _cgroup_available(tmp_path) == 1_500_000_000
+    assert _cgroup_available(root, membership) == 1_000_000_000
 
 
 def test_a_sweep_under_an_address_space_limit_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -326,3 +337,83 @@ def test_the_particle_default_is_lowered_to_the_memory_it_may_use(
     with pytest.warns(UserWarning, match="below 8 x the largest width 128"):
         lowered = WidthSweep(module, data, 4, settings).particles
     assert 128 < lowered < 1024
+
+
+# --- second review: the nets under the checks ------------------------------------------------
+
+
+def test_memory_that_runs_out_anyway_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Allocator overheads the checks cannot count: a traceback through batched.py before."""
+
+    def exhausted(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 848005120 bytes. Error code 12"
+        )
+
+    monkeypatch.setattr(WidthSweep, "_train_seeds", exhausted)
+    code, line = _one_line_exit(
+        ["sweep", "--config", DEMO, *TINY, "--out", str(tmp_path), *NO_WANDB], capsys
+    )
+    assert code == 2 and "ran out of memory" in line and "--particles" in line
+    assert "rerun the same command to resume" in line
+
+
+def test_a_full_disk_anywhere_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The lock file, jsonargparse's config.yaml, Lightning's metrics.csv: tracebacks before."""
+    import errno
+
+    import mflightning.lock as lock_module
+
+    def full(*args: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock_module.os, "write", full)
+    code, line = _one_line_exit(
+        ["sweep", "--config", DEMO, *TINY, "--out", str(tmp_path), *NO_WANDB], capsys
+    )
+    assert code == 2 and line.startswith("error: the disk is full (No space left on device)")
+
+
+def test_damaged_files_are_replaced_under_overwrite_and_named_otherwise(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _sweep(tmp_path)
+    kept = (tmp_path / "runs" / "N32-seed1.json").read_bytes()
+    (tmp_path / "runs" / "N16-seed0.json").write_text('{"trunc')
+    with pytest.raises(ValueError, match=r"N16-seed0\.json is not valid JSON"):
+        _sweep(tmp_path)
+    report = _sweep(tmp_path, "--sweep.overwrite=true")  # the hint's way out now works
+    assert len(report["per_width"]["16"]["output_gap_per_seed"]) == 2
+    assert (tmp_path / "runs" / "N32-seed1.json").read_bytes() == kept
+    path = tmp_path / "runs" / "N16-seed0.json"
+    path.unlink()
+    path.mkdir()  # not a file at all
+    code, line = _one_line_exit(
+        ["sweep", "--config", DEMO, *TINY, "--out", str(tmp_path), *NO_WANDB], capsys
+    )
+    assert code == 2 and "N16-seed0.json cannot be read (Is a directory)" in line
+
+
+def test_runs_reused_across_versions_are_noted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _sweep(tmp_path)
+    monkeypatch.setattr(sweep_module, "version", lambda name: "99.0")
+    report = _sweep(tmp_path, "--sweep.allow_version_change=true")
+    notes = [n for n in report["notes"] if "reused under --sweep.allow_version_change" in n]
+    assert len(notes) == 1 and "'mflightning': '0.1.0'" in notes[0] and "99.0" in notes[0]
+
+
+def test_integer_inputs_to_the_limit_name_the_dtype_and_the_fix() -> None:
+    from mflightning.limit import ParticleLimitSolver, ReducedLimitSolver
+
+    network = MeanFieldMLP(10, [8], activations=["tanh", "identity"])
+    x, y = torch.randint(0, 3, (4, 10)), torch.randn(4, 1)
+    for kind in (ParticleLimitSolver, ReducedLimitSolver):
+        with pytest.raises(ValueError, match=r"dtype torch\.int64.*x\.float\(\)"):
+            kind(network, 0.1).step(x, y)

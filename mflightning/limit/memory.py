@@ -133,19 +133,44 @@ def _meminfo_available() -> int | None:
         return None
 
 
-def _cgroup_available(root: Path = CGROUP_ROOT) -> int | None:
-    """What the process's cgroup still allows: ``memory.max - memory.current`` (v2) or v1's pair.
+def _own_cgroups(membership: Path = Path("/proc/self/cgroup")) -> tuple[str, str]:
+    """The process's cgroup paths ``(v2, v1 memory)`` from ``/proc/self/cgroup`` (``/`` if none)."""
+    v2 = v1 = "/"
+    try:
+        for line in membership.read_text().splitlines():
+            number, controllers, path = line.split(":", 2)
+            if number == "0" and controllers == "":
+                v2 = path
+            elif "memory" in controllers.split(","):
+                v1 = path
+    except (OSError, ValueError):
+        pass
+    return v2, v1
 
-    ``None`` without a limit (``max``) or where the files cannot be read.
+
+def _cgroup_available(
+    root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/cgroup")
+) -> int | None:
+    """What the process's cgroups still allow: the tightest ``limit - usage`` on their path.
+
+    Every level from the process's own cgroup up to the root counts (a job's limit may sit on a
+    parent): v2's ``memory.max - memory.current`` and v1's ``memory.limit_in_bytes -
+    memory.usage_in_bytes``. ``None`` without a limit (``max``, or v1's huge "no limit") or where
+    the files cannot be read.
     """
-    for limit, usage in (
-        ("memory.max", "memory.current"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    v2, v1 = _own_cgroups(membership)
+    candidates = []
+    for base, own, limit, usage in (
+        (root, v2, "memory.max", "memory.current"),
+        (root / "memory", v1, "memory.limit_in_bytes", "memory.usage_in_bytes"),
     ):
-        cap, used = _read_int(root / limit), _read_int(root / usage)
-        if cap is not None and cap < 2**60:  # v1 writes "no limit" as a huge number
-            return max(0, cap - (used or 0))
-    return None
+        parts = [part for part in own.split("/") if part]
+        for depth in range(len(parts), -1, -1):
+            folder = base.joinpath(*parts[:depth])
+            cap, used = _read_int(folder / limit), _read_int(folder / usage)
+            if cap is not None and cap < 2**60:
+                candidates.append(max(0, cap - (used or 0)))
+    return min(candidates) if candidates else None
 
 
 def _address_space_available() -> int | None:

@@ -66,7 +66,12 @@ from mflightning.activations import get_activation
 from mflightning.guards import DivergenceError, divergence_message
 from mflightning.limit.endatoms import KERNELS, EndLayer, Workspace, backward_step, forward_sum
 from mflightning.limit.ideal import IdealCoupling, ghost, tracer_fields
-from mflightning.limit.solver import EulerSolver, check_solver_args, load_clock
+from mflightning.limit.solver import (
+    EulerSolver,
+    check_float_input,
+    check_solver_args,
+    load_clock,
+)
 from mflightning.losses import LossName, loss_and_gradient, mean_field_loss
 from mflightning.mlp import MeanFieldMLP
 from mflightning.nn import MeanFieldLinear
@@ -650,8 +655,7 @@ class ReducedLimitSolver(EulerSolver):
 
     def _check_features(self, x: Tensor) -> None:
         """Refuse an ``x`` that is not ``(batch, d)`` floats, naming the expected ``d``."""
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(f"`x` must be a floating tensor, got {type(x).__name__}.")
+        check_float_input(x)
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(
                 f"`x` must have shape (batch, {self.in_features}): the solver's network has "

@@ -84,6 +84,21 @@ def _check_network(network: object) -> nn.Module:
     return network
 
 
+def check_float_input(x: object) -> None:
+    """Refuse inputs that are not a floating tensor, naming the type or dtype and the fix.
+
+    Raises:
+        ValueError: e.g. ``int64`` inputs: convert them with ``x.float()``.
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"`x` must be a floating tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"`x` has dtype {x.dtype}, but the limit takes floating inputs; convert them with "
+            "x.float() (in the data module, so the networks get the same)."
+        )
+
+
 def check_solver_dtype(dtype: torch.dtype | str, name: str = "dtype") -> torch.dtype:
     """The solver dtype ``dtype`` (a torch dtype or its name), refusing all but float64/float32.
 
@@ -179,10 +194,10 @@ class EulerSolver(ABC):
 
     def _prepare(self, x: Tensor, y: Tensor) -> Batch:
         """Validate a batch and move it to the solver's device/dtype."""
-        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        check_float_input(x)
+        if x.dim() < 2:
             raise ValueError(
-                "`x` must be a floating tensor of shape (batch, features...), got "
-                f"{type(x).__name__ if not isinstance(x, Tensor) else tuple(x.shape)}."
+                f"`x` must have shape (batch, features...), got {tuple(x.shape)}."
             )
         if not isinstance(y, Tensor) or y.dim() < 1 or y.shape[0] != x.shape[0]:
             shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
@@ -388,8 +403,7 @@ class ParticleLimitSolver(EulerSolver):
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
         """The limit output ``yhat(t, x)`` at the current time, in the solver's dtype."""
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(f"`x` must be a floating tensor, got {type(x).__name__}.")
+        check_float_input(x)
         self._check_device("x", x)
         with tf32_allowed(self.allow_tf32):
             return self._network(x.to(device=self.device, dtype=self.dtype))
