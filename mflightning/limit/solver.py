@@ -196,9 +196,7 @@ class EulerSolver(ABC):
         """Validate a batch and move it to the solver's device/dtype."""
         check_float_input(x)
         if x.dim() < 2:
-            raise ValueError(
-                f"`x` must have shape (batch, features...), got {tuple(x.shape)}."
-            )
+            raise ValueError(f"`x` must have shape (batch, features...), got {tuple(x.shape)}.")
         if not isinstance(y, Tensor) or y.dim() < 1 or y.shape[0] != x.shape[0]:
             shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(
