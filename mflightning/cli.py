@@ -152,7 +152,15 @@ class PredictionFile(BasePredictionWriter):
         self.written = (path, shapes)
 
 
-def _given_init_args(config_files: list[Any], argv: list[str], key: str) -> set[str]:
+def _recipe_files(config: Any) -> list[Any]:
+    """The recipe files given with ``--config``, as the YAML data they hold."""
+    return [
+        yaml.safe_load(path.read_text()) if hasattr(path, "read_text") else None
+        for path in config.get("config") or []
+    ]
+
+
+def _given_init_args(recipes: list[Any], argv: list[str], key: str) -> set[str]:
     """The init args of ``model.<key>`` that a recipe file or a flag sets explicitly.
 
     Read from the recipes' ``model.<key>.init_args`` and from ``--model.<key>.init_args.X``,
@@ -164,8 +172,7 @@ def _given_init_args(config_files: list[Any], argv: list[str], key: str) -> set[
         if isinstance(value, dict) and isinstance(value.get("init_args"), dict):
             given.update(value["init_args"])
 
-    for path in config_files:
-        recipe = yaml.safe_load(path.read_text()) if hasattr(path, "read_text") else None
+    for recipe in recipes:
         model = recipe.get("model") if isinstance(recipe, dict) else None
         if isinstance(model, dict):
             from_value(model.get(key))
@@ -183,7 +190,7 @@ def _given_init_args(config_files: list[Any], argv: list[str], key: str) -> set[
     return given
 
 
-def _reset_carried_init_args(config: Any, key: str, argv: list[str]) -> None:
+def _reset_carried_init_args(config: Any, key: str, recipes: list[Any], argv: list[str]) -> None:
     """Set the init args of ``model.<key>`` that nobody gave to its class's own defaults."""
     model = config.get("model") if config is not None else None
     entry = model.get(key) if isinstance(model, Namespace) else None
@@ -194,7 +201,7 @@ def _reset_carried_init_args(config: Any, key: str, argv: list[str]) -> None:
         signature = inspect.signature(getattr(importlib.import_module(module_name), name))
     except (ImportError, AttributeError, TypeError, ValueError):
         return
-    given = _given_init_args(list(config.get("config") or []), argv, key)
+    given = _given_init_args(recipes, argv, key)
     for arg, value in list(vars(entry.init_args).items()):
         parameter = signature.parameters.get(arg)
         if arg in given or parameter is None or parameter.default is parameter.empty:
@@ -249,13 +256,11 @@ class MeanFieldCLI(LightningCLI):
         ``AdamW``, whose own default decay is 0.01): ``_reset_carried_init_args``.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        recipes = _recipe_files(config)
         for key in ("optimizer", "scheduler"):
-            _reset_carried_init_args(config, key, self._args_given)
+            _reset_carried_init_args(config, key, recipes, self._args_given)
         sections = [config.get("sweep")]
-        for path in config.get("config") or []:
-            recipe = yaml.safe_load(path.read_text()) if hasattr(path, "read_text") else {}
-            if isinstance(recipe, dict) and "sweep" in recipe:
-                sections.append(recipe["sweep"])
+        sections += [r["sweep"] for r in recipes if isinstance(r, dict) and "sweep" in r]
         for section in sections:
             if not isinstance(section, (Namespace, dict)):
                 fields = ", ".join(f.name for f in dataclasses.fields(SweepSettings))

@@ -162,7 +162,6 @@ class MeanFieldModule(LightningModule):
         self.preset: PresetName = preset
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.update_factories = UpdateFactories(optimizer=optimizer, scheduler=scheduler, rule=rule)
         # validates lr, rule, preset, optimizer and scheduler now rather than at fit time
         build_scheduler(
             scheduler, build_optimizer(optimizer, param_groups(network, lr, rule, preset))
@@ -191,6 +190,13 @@ class MeanFieldModule(LightningModule):
             scheduler=self.scheduler_factory,
             rule=self.rule,
             preset=self.preset,
+        )
+
+    @property
+    def update_factories(self) -> UpdateFactories:
+        """The optimizer and scheduler callables and the rule, as a limit solver takes them (§F)."""
+        return UpdateFactories(
+            optimizer=self.optimizer_factory, scheduler=self.scheduler_factory, rule=self.rule
         )
 
     @property

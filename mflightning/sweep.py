@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -451,6 +452,11 @@ class WidthSweep:
             f"use on {device.type} (limited by {tightest_limit(device)}); {fix}."
         )
 
+    @cached_property
+    def _optimizer_states(self) -> int:
+        """The optimizer's state tensors per parameter (``optim.state_tensors_per_parameter``)."""
+        return state_tensors_per_parameter(self.module.optimizer_factory, self.module.rule)
+
     def _runs_bytes(self) -> float:
         """Memory of every run's network and its limit snapshots, all held before training."""
         depth = len(self.network.widths)
@@ -466,7 +472,7 @@ class WidthSweep:
         """Memory of the limit solver with M = ``particles`` (``_check_memory``)."""
         solver_dtype = getattr(torch, self.settings.solver_dtype)
         wide = solver_widths(self.network, self.limit_kind, max(particles, 1))
-        states = state_tensors_per_parameter(self.module.optimizer_factory, self.module.rule)
+        states = self._optimizer_states
         if self.limit_kind == "particles" and isinstance(self.network, MeanFieldMLP) and points:
             return float(
                 solver_step_bytes(self.network, points, solver_dtype, widths=wide, states=states)

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from lightning import Trainer
+from test_sweep import TINY as SWEEP_TINY
 from torch.utils.data import DataLoader, TensorDataset
 
 import mflightning as mfl
@@ -210,15 +211,7 @@ def _fit_module(width: int, seed: int, x: torch.Tensor, y: torch.Tensor) -> mfl.
         scheduler=SCHEDULER,
     )
     loader = DataLoader(TensorDataset(x.float(), y.float()), batch_size=P)
-    trainer = Trainer(
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, loader)
+    _trainer(None, STEPS, enable_checkpointing=False).fit(module, loader)
     return module
 
 
@@ -693,16 +686,10 @@ def _limit_rows(out: Path) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(handle) if row["run"] == "limit"]
 
 
-TINY = [
+TINY = [  # test_sweep's tiny sweep, 8 steps logged every 4 (later flags win)
+    *SWEEP_TINY,
     "--trainer.max_steps=8",
-    "--data.init_args.n_train=64",
     "--data.init_args.n_val=32",
-    "--widths",
-    "16,32",
-    "--seeds",
-    "2",
-    "--particles",
-    "128",
     "--every_n_steps",
     "4",
     "--probe_size",
